@@ -1,0 +1,1 @@
+"""Sharded JAX/Flax NNX transformer language models."""

@@ -1,0 +1,487 @@
+"""Typed, frozen configuration with validation, presets and `a.b=value` overrides.
+
+Every run is described by one `Config`. Build it from a preset and command-line
+overrides:
+
+    cfg = config_from_args(["--preset", "tiny", "model.d_model=128", "optim.lr=1e-3"])
+
+`validate()` raises `ConfigError` with one line naming the bad field and what
+would be valid; nothing is compiled before the config is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, valid: tuple) -> None:
+    _check(value in valid, f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "nope")
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
+ATTENTION_KERNELS = ("auto", "reference", "blockwise", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+ROUTERS = ("softmax_topk", "switch", "mixtral", "expert_choice", "sigmoid_bias")
+DATASETS = ("kjv", "text", "npy", "copy", "associative_recall", "passkey")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts FFN. `num_experts=0` means dense MLPs everywhere."""
+
+    num_experts: int = 0
+    every_k_layers: int = 1  # layer i is MoE when (i + 1) % every_k_layers == 0
+    top_k: int = 2
+    router: str = "softmax_topk"
+    capacity_factor: float = 1.25
+    dropless: bool = False
+    num_shared_experts: int = 0
+    d_ff_expert: int = 0  # 0: model.d_ff
+    load_balance_coef: float = 1e-2
+    router_z_loss_coef: float = 1e-3
+    seq_balance_coef: float = 0.0
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing (router="sigmoid_bias")
+
+    def validate(self) -> None:
+        _check(self.num_experts >= 0, f"moe.num_experts={self.num_experts} must be >= 0")
+        if self.num_experts == 0:
+            return
+        _one_of("moe.router", self.router, ROUTERS)
+        _check(self.every_k_layers >= 1, f"moe.every_k_layers={self.every_k_layers} must be >= 1")
+        top_k_max = self.num_experts
+        _check(1 <= self.top_k <= top_k_max,
+               f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+        if self.router == "switch":
+            _check(self.top_k == 1, f"moe.top_k={self.top_k} must be 1 for router='switch'")
+        _check(self.capacity_factor > 0, f"moe.capacity_factor={self.capacity_factor} must be > 0")
+        _check(self.num_shared_experts >= 0, f"moe.num_shared_experts={self.num_shared_experts} must be >= 0")
+        _check(self.d_ff_expert >= 0, f"moe.d_ff_expert={self.d_ff_expert} must be >= 0")
+        for name in ("load_balance_coef", "router_z_loss_coef", "seq_balance_coef", "bias_update_rate"):
+            _check(getattr(self, name) >= 0, f"moe.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str = "decoder"
+    vocab_size: int = 259  # 256 bytes + pad, bos, eos
+    d_model: int = 256
+    num_layers: int = 4
+    num_encoder_layers: int = 0  # encoder_decoder only; 0: num_layers
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: num_heads (MHA); 1: MQA; otherwise GQA
+    head_dim: int = 0  # 0: d_model // num_heads
+    d_ff: int = 0  # 0: 4 * d_model (8/3 * d_model for swiglu, rounded to 64)
+    activation: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_position: str = "pre"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    max_seq_len: int = 512  # table size for learned positions; original context for RoPE scaling
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    sliding_window: int = 0  # 0: full attention
+    attention_kernel: str = "auto"
+    attention_block_size: int = 512
+    scan_layers: bool = True
+    remat: str = "none"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.activation == "swiglu":
+            return 64 * -(-(8 * self.d_model // 3) // 64)
+        return 4 * self.d_model
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.num_encoder_layers or self.num_layers
+
+    def validate(self) -> None:
+        _one_of("model.architecture", self.architecture, ARCHITECTURES)
+        _one_of("model.position", self.position, POSITIONS)
+        _one_of("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        _one_of("model.activation", self.activation, ACTIVATIONS)
+        _one_of("model.norm", self.norm, NORMS)
+        _one_of("model.norm_position", self.norm_position, NORM_POSITIONS)
+        _one_of("model.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
+        _one_of("model.remat", self.remat, REMAT_POLICIES)
+        _one_of("model.dtype", self.dtype, DTYPES)
+        _one_of("model.param_dtype", self.param_dtype, DTYPES)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "attention_block_size"):
+            _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        for name in ("num_kv_heads", "head_dim", "d_ff", "sliding_window", "num_encoder_layers"):
+            _check(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0")
+        _check(self.num_heads % self.kv_heads == 0,
+               f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}; "
+               f"valid kv head counts divide {self.num_heads}")
+        if not self.head_dim:
+            _check(self.d_model % self.num_heads == 0,
+                   f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
+                   "set model.head_dim or change the head count")
+        if self.position == "rope":
+            _check(self.dim_per_head % 2 == 0,
+                   f"head dim {self.dim_per_head} is odd; RoPE (model.position='rope') needs an even head dim")
+            _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        if self.position == "sinusoidal":
+            _check(self.d_model % 2 == 0, f"model.d_model={self.d_model} must be even for sinusoidal positions")
+        if self.rope_scaling != "none":
+            _check(self.position == "rope",
+                   f"model.rope_scaling={self.rope_scaling!r} needs model.position='rope', not {self.position!r}")
+            _check(self.rope_scaling_factor >= 1.0,
+                   f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
+        _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        self.moe.validate()
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means 'all remaining devices' (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    sequence: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def resolved(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes with -1 filled in; raises ConfigError if they do not fit `num_devices`."""
+        self.validate()
+        sizes = self.shape
+        fixed = 1
+        for axis, size in sizes.items():
+            if size != -1:
+                fixed *= size
+        free = [axis for axis, size in sizes.items() if size == -1]
+        if free:
+            _check(num_devices % fixed == 0,
+                   f"mesh {sizes} needs a device count divisible by {fixed}, but there are {num_devices} devices")
+            sizes[free[0]] = num_devices // fixed
+        total = 1
+        for size in sizes.values():
+            total *= size
+        _check(total == num_devices,
+               f"mesh {sizes} uses {total} devices but {num_devices} are available; "
+               "axis sizes must multiply to the device count (use -1 for one axis to take the rest)")
+        return sizes
+
+    def validate(self) -> None:
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            _check(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 or >= 1")
+        _check(sum(getattr(self, a) == -1 for a in MESH_AXES) <= 1,
+               f"mesh {self.shape}: at most one axis may be -1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "kjv"
+    paths: tuple[str, ...] = ()  # text files/directories ('text') or .npy token files ('npy')
+    seq_len: int = 256
+    global_batch_size: int = 16
+    eval_fraction: float = 0.02  # tail of the corpus held out for evaluation
+    seed: int = 0
+    # synthetic tasks
+    copy_length: int = 32
+    num_pairs: int = 16  # associative recall
+    passkey_digits: int = 5
+
+    def validate(self) -> None:
+        _one_of("data.dataset", self.dataset, DATASETS)
+        _check(self.seq_len > 1, f"data.seq_len={self.seq_len} must be > 1")
+        _check(self.global_batch_size >= 1, f"data.global_batch_size={self.global_batch_size} must be >= 1")
+        _check(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        if self.dataset in ("text", "npy"):
+            _check(len(self.paths) > 0, f"data.dataset={self.dataset!r} needs data.paths=<file or directory,...>")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0: no clipping
+    grad_accum_steps: int = 1
+    z_loss: float = 0.0  # coefficient of log(Z)^2 on the output softmax
+
+    def validate(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim.b1={self.b1}, optim.b2={self.b2} must be in [0, 1)")
+        _check(self.clip_norm >= 0, f"optim.clip_norm={self.clip_norm} must be >= 0")
+        _check(self.grad_accum_steps >= 1, f"optim.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        _check(self.z_loss >= 0, f"optim.z_loss={self.z_loss} must be >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500  # 0: never on a step interval
+    every_seconds: float = 0.0  # 0: never on a wall-clock interval
+    keep_last: int = 3
+    keep_every: int = 0  # 0: none kept permanently; else every keep_every-th step is kept
+    async_save: bool = True
+    init_from: str = ""  # params-only initialisation from another run dir or checkpoint path
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, f"checkpoint.every_steps={self.every_steps} must be >= 0")
+        _check(self.every_seconds >= 0, f"checkpoint.every_seconds={self.every_seconds} must be >= 0")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        _check(self.keep_every >= 0, f"checkpoint.keep_every={self.keep_every} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: no periodic eval
+    eval_batches: int = 8
+    loss_chunk_size: int = 0  # >0: compute the output projection + loss in chunks of this many tokens
+    nan_guard: bool = True
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.mesh.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.checkpoint.validate()
+        _check(self.steps >= 0, f"steps={self.steps} must be >= 0")
+        _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
+        _check(self.eval_batches >= 1, f"eval_batches={self.eval_batches} must be >= 1")
+        _check(self.loss_chunk_size >= 0, f"loss_chunk_size={self.loss_chunk_size} must be >= 0")
+        m, d = self.model, self.data
+        if m.position == "learned":
+            _check(d.seq_len <= m.max_seq_len,
+                   f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, "
+                   "the size of the learned position table")
+        accum = self.optim.grad_accum_steps
+        _check(d.global_batch_size % accum == 0,
+               f"data.global_batch_size={d.global_batch_size} is not divisible by optim.grad_accum_steps={accum}")
+        _check(m.vocab_size >= 259 or d.dataset == "npy",
+               f"model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs >= 259)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        return _from_dict(cls, values, prefix="")
+
+
+def _from_dict(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field {prefix}{unknown[0]}; valid: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, prefix=f"{prefix}{name}.")
+        elif typing.get_origin(hint) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _parse_value(key: str, text: str, hint: Any) -> Any:
+    if hint is bool:
+        lowered = text.lower()
+        _check(lowered in ("true", "false", "1", "0"), f"{key}={text!r}: expected true or false")
+        return lowered in ("true", "1")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        _check(number is not None and number.is_integer(), f"{key}={text!r}: expected an integer")
+        return int(number)
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected a number") from None
+    if typing.get_origin(hint) is tuple:
+        return tuple(part for part in text.split(",") if part)
+    return text
+
+
+def override(cfg: Any, key: str, text: str, prefix: str = "") -> Any:
+    """Return `cfg` with the dotted field `key` set from the string `text`."""
+    head, _, rest = key.partition(".")
+    names = {f.name: f for f in fields(cfg)}
+    _check(head in names,
+           f"unknown config field {prefix + key!r}; valid fields of {prefix or 'the config'}: {', '.join(sorted(names))}")
+    hint = typing.get_type_hints(type(cfg))[head]
+    current = getattr(cfg, head)
+    if dataclasses.is_dataclass(current):
+        _check(bool(rest), f"{key!r} is a group; set one of its fields, e.g. {key}.{fields(current)[0].name}=...")
+        return replace(cfg, **{head: override(current, rest, text, prefix=f"{prefix}{head}.")})
+    _check(not rest, f"{key!r}: {head} has no sub-fields")
+    return replace(cfg, **{head: _parse_value(prefix + key, text, hint)})
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        _check("=" in item, f"override {item!r} must look like key.sub=value")
+        key, text = item.split("=", 1)
+        cfg = override(cfg, key.strip(), text.strip())
+    return cfg
+
+
+# ---------------------------------------------------------------- presets
+
+
+def _preset_tiny() -> Config:
+    return Config(
+        model=ModelConfig(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128,
+                          attention_block_size=64),
+        data=DataConfig(seq_len=128, global_batch_size=8),
+        optim=OptimConfig(lr=3e-3, warmup_steps=20),
+        steps=200, eval_every=100, eval_batches=4, log_every=10,
+        checkpoint=CheckpointConfig(every_steps=100),
+        run_dir="runs/tiny",
+    )
+
+
+def _preset_small() -> Config:
+    return Config(
+        model=ModelConfig(d_model=384, num_layers=6, num_heads=6, max_seq_len=512),
+        data=DataConfig(seq_len=512, global_batch_size=32),
+        optim=OptimConfig(lr=1e-3, warmup_steps=200),
+        steps=5000, run_dir="runs/small",
+    )
+
+
+def _preset_125m() -> Config:
+    return Config(
+        model=ModelConfig(d_model=768, num_layers=12, num_heads=12, max_seq_len=2048, vocab_size=50304,
+                          dtype="bfloat16", remat="dots_with_no_batch_dims_saveable"),
+        data=DataConfig(dataset="npy", seq_len=2048, global_batch_size=256),
+        optim=OptimConfig(lr=6e-4, warmup_steps=2000),
+        steps=50000, run_dir="runs/125m",
+    )
+
+
+def _preset_1b() -> Config:
+    return Config(
+        model=ModelConfig(d_model=2048, num_layers=24, num_heads=16, num_kv_heads=8, max_seq_len=4096,
+                          vocab_size=50304, dtype="bfloat16", remat="full"),
+        mesh=MeshConfig(data=1, fsdp=-1),
+        data=DataConfig(dataset="npy", seq_len=4096, global_batch_size=512),
+        optim=OptimConfig(lr=3e-4, warmup_steps=2000),
+        steps=100000, run_dir="runs/1b",
+    )
+
+
+def _preset_moe() -> Config:
+    tiny = _preset_tiny()
+    return replace(
+        tiny,
+        model=replace(tiny.model, moe=MoEConfig(num_experts=8, top_k=2, every_k_layers=1)),
+        run_dir="runs/moe",
+    )
+
+
+PRESETS = {
+    "default": lambda: Config(),
+    "tiny": _preset_tiny,
+    "small": _preset_small,
+    "125m": _preset_125m,
+    "1b": _preset_1b,
+    "moe": _preset_moe,
+}
+
+
+def get_preset(name: str) -> Config:
+    _check(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def config_from_args(argv: list[str], default_preset: str = "tiny") -> Config:
+    """`[--preset NAME] [key.sub=value ...]` -> validated Config."""
+    preset = default_preset
+    overrides = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--preset":
+            _check(bool(args), "--preset needs a name")
+            preset = args.pop(0)
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            raise ConfigError(f"unknown option {arg!r}; use --preset NAME and key.sub=value overrides")
+        else:
+            overrides.append(arg)
+    return apply_overrides(get_preset(preset), overrides).validate()
