@@ -1,4 +1,4 @@
-"""Device mesh and the one table that maps logical axis names to mesh axes.
+"""Device mesh, the one table that maps logical axis names to mesh axes, and batch placement.
 
 The model names logical axes only (`batch`, `length`, `embed`, `heads`, ...). This
 module is the single place that decides how they are laid out on the mesh:
@@ -10,6 +10,11 @@ module is the single place that decides how they are laid out on the mesh:
 Resolution follows the rules in order; a mesh axis already used by an earlier
 dimension of the same array is skipped (so `embed` is FSDP-sharded in weights but
 replicated in activations, whose batch dimension already uses `fsdp`).
+
+Mesh axes: `data` (pure data parallel: params replicated), `fsdp` (data parallel with
+params and optimizer state sharded over `embed`), `sequence` (sequence parallel: the
+length axis, ring attention), `tensor` (heads, kv_heads, mlp, vocab split across
+devices), `expert` (MoE experts split across devices; also shards the batch).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from transformer.config import MESH_AXES, ConfigError, MeshConfig
+from transformer.config import MESH_AXES, Config, ConfigError, MeshConfig
 
 # logical axis -> mesh axes it may be sharded over (in order of preference)
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -46,11 +51,24 @@ _current_mesh: list[Mesh] = []
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all (or the given) devices with axes (data, fsdp, sequence, tensor, expert)."""
+    """A mesh over all (or the given) devices with axes (data, fsdp, sequence, tensor, expert).
+
+    Raises ConfigError (one line) when the axis sizes need more devices than there are or do
+    not multiply to the device count.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    mesh_cfg.validate()
+    fixed = math.prod(size for size in mesh_cfg.shape.values() if size != -1)
+    if fixed > len(devices):
+        raise ConfigError(f"mesh {_format_sizes(mesh_cfg.shape)} needs at least {fixed} devices but only "
+                          f"{len(devices)} are available; shrink the mesh axes or use more devices")
     sizes = mesh_cfg.resolved(len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _format_sizes(sizes: dict[str, int]) -> str:
+    return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
 
 
 @contextlib.contextmanager
@@ -144,3 +162,91 @@ def check_divisible(name: str, size: int, mesh: Mesh, logical_axis: str) -> None
         axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _RULES[logical_axis] if mesh.shape[a] > 1)
         raise ConfigError(f"{name}={size} is not divisible by the {ways} devices of mesh axes {axes} "
                           f"that shard '{logical_axis}'; choose a multiple of {ways}")
+
+
+def validate_for_mesh(cfg: Config, mesh: Mesh) -> None:
+    """Raise ConfigError (one line, naming both numbers) unless `cfg` splits evenly over `mesh`.
+
+    Checks the global (micro)batch over the batch axes, query and KV heads
+    over `tensor`, the sequence over `sequence` (2 x ring size for causal zigzag), and the
+    experts over `expert`. Call it before compiling anything.
+    """
+    model, data = cfg.model, cfg.data
+    accum = cfg.optim.grad_accum_steps
+    if accum == 1:
+        check_divisible("data.global_batch_size", data.global_batch_size, mesh, "batch")
+    elif (data.global_batch_size // accum) % mesh_axis_size(mesh, "batch"):
+        ways = mesh_axis_size(mesh, "batch")
+        raise ConfigError(f"data.global_batch_size={data.global_batch_size} / optim.grad_accum_steps={accum} = "
+                          f"{data.global_batch_size // accum} rows per micro-batch is not divisible by the {ways} "
+                          f"devices that shard 'batch'; choose a micro-batch that is a multiple of {ways}")
+    tensor = mesh.shape["tensor"]
+    for name, heads in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads)):
+        if heads % tensor:
+            raise ConfigError(f"{name}={heads} is not divisible by mesh.tensor={tensor}; "
+                              f"use a tensor axis that divides {heads}")
+    ring = mesh.shape["sequence"]
+    if ring > 1:
+        causal = model.architecture != "encoder"
+        chunks = 2 * ring if causal else ring
+        why = f"2 x mesh.sequence={ring} (causal zigzag ring)" if causal else f"mesh.sequence={ring}"
+        if data.seq_len % chunks:
+            raise ConfigError(f"data.seq_len={data.seq_len} is not divisible by {why} = {chunks}; "
+                              f"choose a multiple of {chunks}")
+    experts = model.moe.num_experts
+    if experts and experts % mesh.shape["expert"]:
+        raise ConfigError(f"model.moe.num_experts={experts} is not divisible by mesh.expert={mesh.shape['expert']}; "
+                          f"use an expert axis that divides {experts}")
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that split the batch dimension."""
+    return tuple(axis for axis in _RULES["batch"] if mesh.shape[axis] > 1)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of input batches: rows over the batch axes, every other dimension replicated."""
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, P(axes if axes else None))
+
+
+def process_batch_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+    """(index, count): this process loads rows [index/count, (index+1)/count) of each global batch.
+
+    Processes whose devices hold the same rows (replicas over non-batch axes) get the same
+    index; pass the pair to `Dataset.batch(step, process_index=index, process_count=count)`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    num_shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    index_map = batch_sharding(mesh).devices_indices_map((num_shards,))
+    rows: dict[int, set[int]] = {}
+    for device, (index,) in index_map.items():
+        rows.setdefault(device.process_index, set()).update(range(*index.indices(num_shards)))
+    spans = {}
+    for process, held in rows.items():
+        first, size = min(held), len(held)
+        if held != set(range(first, first + size)) or first % size or num_shards % size:
+            raise ValueError(f"process {process} holds batch shards {sorted(held)} of {num_shards}, not one aligned "
+                             "contiguous block; reorder the mesh so each process owns whole batch shards")
+        spans[process] = (first // size, num_shards // size)
+    if len({count for _, count in spans.values()}) != 1:
+        raise ValueError(f"processes hold different numbers of batch shards: {spans}")
+    return spans[process_index]
+
+
+def host_local_batch_to_global(batch_np: dict, mesh: Mesh) -> dict:
+    """Global jax.Arrays (rows over the batch axes) from this process's rows of the batch.
+
+    `batch_np` holds only the rows named by `process_batch_shard(mesh)`; each process passes
+    its own rows and no process ever materialises the whole batch.
+    """
+    sharding = batch_sharding(mesh)
+    _, count = process_batch_shard(mesh)
+    out = {}
+    for name, local in batch_np.items():
+        local = np.asarray(local)
+        if local.ndim == 0:
+            raise ValueError(f"batch entry {name!r} is a scalar; batch entries need a leading batch dimension")
+        global_shape = (local.shape[0] * count, *local.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

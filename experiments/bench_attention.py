@@ -1,0 +1,322 @@
+"""Attention kernel benchmark: fwd and fwd+bwd TFLOP/s and peak memory vs sequence length.
+
+    python experiments/bench_attention.py --preset cpu      # smoke test: 8 fake CPU devices, small lengths
+    python experiments/bench_attention.py --preset gpu      # 8K..1M tokens, 16 heads, head dim 128, bf16
+
+Methods: ring (ours, zigzag; ring size 1 and across all local devices), ring_contiguous (ours, no
+zigzag), cudnn and xla (jax.nn.dot_product_attention), blockwise (transformer.ops.attention), and
+the `ringattention` PyPI package's pure-JAX ring when it is importable. Also tabulates the
+per-device work of the causal ring schedule, zigzag vs contiguous (`ring_attention.ring_work`).
+
+FLOPs: forward 4*B*H*L^2*D (halved for causal), backward 2.5x forward (FlashAttention-2
+convention), so fwd+bwd = 3.5x forward; ring TFLOP/s are summed over the ring's devices.
+Memory is the compiled peak per device (XLA memory analysis: arguments + outputs + temporaries).
+Writes bench.csv / bench.md / work_balance.csv / work_balance.md under --results-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    "cpu": dict(lengths=(256, 1024), heads=4, kv_heads=4, head_dim=32, batch=1, dtype="float32",
+                ring_sizes=(1, 8), block_size=128, iters=2, cpu_devices=8, max_seconds=60.0, max_xla_gib=2.0),
+    "gpu": dict(lengths=tuple(2 ** p * 1024 for p in range(3, 11)), heads=16, kv_heads=16, head_dim=128, batch=1,
+                dtype="bfloat16", ring_sizes=(1, -1), block_size=1024, iters=3, cpu_devices=0, max_seconds=300.0,
+                max_xla_gib=40.0),
+}
+METHODS = ("ring", "ring_contiguous", "cudnn", "xla", "blockwise", "ringattention")
+PASSES = ("fwd", "fwd+bwd")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--lengths", type=_ints, help="comma-separated sequence lengths (overrides the preset)")
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--head-dim", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--ring-sizes", type=_ints, help="ring sizes; -1 means all local devices")
+    parser.add_argument("--block-size", type=int)
+    parser.add_argument("--iters", type=int)
+    parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=METHODS)
+    parser.add_argument("--non-causal", action="store_true", help="bidirectional attention (default causal)")
+    parser.add_argument("--cpu-devices", type=int, help="fake CPU devices (sets XLA_FLAGS before jax starts)")
+    parser.add_argument("--max-seconds", type=float, help="stop a method at longer lengths after a run this slow")
+    parser.add_argument("--max-xla-gib", type=float, help="skip xla when its score matrices would exceed this")
+    parser.add_argument("--results-dir", default=None, help="default: results/bench_attention/<preset>")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads={args.heads} must be a multiple of --kv-heads={args.kv_heads}")
+    args.results_dir = Path(args.results_dir or f"results/bench_attention/{args.preset}")
+    return args
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    devices: int
+    seq_len: int
+    pass_: str
+    status: str = "ok"
+    ms: float = float("nan")
+    tflops: float = float("nan")
+    peak_mib: float = float("nan")
+
+
+def attention_flops(args, seq_len: int, pass_: str) -> float:
+    fwd = 4.0 * args.batch * args.heads * seq_len * seq_len * args.head_dim * (0.5 if not args.non_causal else 1.0)
+    return fwd if pass_ == "fwd" else 3.5 * fwd
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(argv)
+    if args.cpu_devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}")
+    import jax  # noqa: E402  (after XLA_FLAGS)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from transformer.ops import ring_attention as ra
+
+    print(f"backend {jax.default_backend()}, {len(jax.devices())} devices ({jax.devices()[0].device_kind}); "
+          f"B={args.batch} H={args.heads} G={args.kv_heads} D={args.head_dim} {args.dtype} "
+          f"{'bidirectional' if args.non_causal else 'causal'}")
+    ring_sizes = sorted({len(jax.devices()) if r == -1 else r for r in args.ring_sizes})
+    runs = []
+    for method in args.methods:
+        for size in (ring_sizes if method in ("ring", "ring_contiguous", "ringattention") else [1]):
+            runs.append((method, size))
+    rows: list[Row] = []
+    for method, size in runs:
+        too_slow = False
+        for seq_len in args.lengths:
+            for pass_ in PASSES:
+                row = Row(method, size, seq_len, pass_)
+                if too_slow:
+                    row.status = f"skipped: a shorter run took > {args.max_seconds:.0f} s"
+                else:
+                    _bench_one(args, ra, row)
+                    too_slow = row.status == "ok" and row.ms / 1e3 > args.max_seconds
+                rows.append(row)
+                print(_format_row(row), flush=True)
+    balance = work_balance(args, ra, ring_sizes)
+    write_results(args, rows, balance)
+    return rows
+
+
+def _bench_one(args, ra, row: Row) -> None:
+    import jax
+
+    try:
+        fn, inputs, skip = build(args, ra, row)
+    except ValueError as e:
+        row.status = f"skipped: {e}"
+        return
+    if skip:
+        row.status = f"skipped: {skip}"
+        return
+    try:
+        compiled = jax.jit(fn).lower(*inputs).compile()
+        jax.block_until_ready(compiled(*inputs))
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*inputs))
+            times.append(time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001  (out of memory, unsupported kernel options: recorded in the table)
+        row.status = "error: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        return
+    row.ms = 1e3 * statistics.median(times)
+    row.tflops = attention_flops(args, row.seq_len, row.pass_) / (row.ms / 1e3) / 1e12
+    row.peak_mib = _peak_bytes(compiled) / 2 ** 20
+
+
+def _peak_bytes(compiled) -> float:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return float("nan")
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes)
+
+
+def build(args, ra, row: Row):
+    """(function of (q, k, v, cot), inputs, skip reason or None) for one table row."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from transformer import sharding
+    from transformer.ops import attention as attention_ops
+
+    B, L, H, G, D = args.batch, row.seq_len, args.heads, args.kv_heads, args.head_dim
+    causal = not args.non_causal
+    dtype = jnp.dtype(args.dtype)
+    mesh, specs = None, None
+    if row.method in ("ring", "ring_contiguous", "ringattention"):
+        mesh = ra.ring_mesh(row.devices)
+        specs = (sharding.logical_to_spec(("batch", "length", "heads", None), mesh, (B, L, H, D)),
+                 sharding.logical_to_spec(("batch", "length", "kv_heads", None), mesh, (B, L, G, D)))
+
+    if row.method in ("ring", "ring_contiguous"):
+        zigzag = row.method == "ring" and causal
+        positions = ra.zigzag_permutation(L, row.devices) if zigzag else None
+        if not zigzag and L % row.devices:
+            raise ValueError(f"length {L} is not divisible by ring size {row.devices}")
+        attend = functools.partial(ra.ring_attention_sharded, mesh=mesh, causal=causal, q_positions=positions,
+                                   block_size=args.block_size)
+    elif row.method == "blockwise":
+        attend = functools.partial(attention_ops.attention, causal=causal, implementation="blockwise",
+                                   block_size=args.block_size)
+    elif row.method in ("xla", "cudnn"):
+        if row.method == "cudnn" and jax.default_backend() != "gpu":
+            return None, None, "cuDNN needs a GPU"
+        score_gib = B * H * L * L * 4 * (1 if row.pass_ == "fwd" else 3) / 2 ** 30
+        if row.method == "xla" and score_gib > args.max_xla_gib:
+            return None, None, f"scores need ~{score_gib:.0f} GiB > --max-xla-gib={args.max_xla_gib:g}"
+        attend = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=row.method)
+    else:
+        attend = _ringattention_package(args, mesh, specs)
+        if isinstance(attend, str):
+            return None, None, attend
+
+    def forward(q, k, v, cot):
+        return attend(q, k, v)
+
+    def forward_backward(q, k, v, cot):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return vjp(cot.astype(out.dtype))
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    shapes = ((B, L, H, D), (B, L, G, D), (B, L, G, D), (B, L, H, D))
+    placements = (specs[0], specs[1], specs[1], specs[0]) if specs else (None,) * 4
+    inputs = []
+    for key, shape, spec in zip(keys, shapes, placements):
+        make = functools.partial(jax.random.normal, key, shape, dtype)
+        if mesh is not None:
+            make = jax.jit(make, out_shardings=NamedSharding(mesh, spec))
+        inputs.append(make())
+    return (forward if row.pass_ == "fwd" else forward_backward), inputs, None
+
+
+def _ringattention_package(args, mesh, specs):
+    """The `ringattention` package's pure-JAX ring (MHA: kv heads repeated), or why it is skipped."""
+    try:
+        import ringattention
+    except ImportError:
+        return "the ringattention package is not installed"
+    import jax
+    import jax.numpy as jnp
+
+    ring_fn = getattr(ringattention, "ring_attention_base", None)
+    if ring_fn is None:
+        return "ringattention.ring_attention_base not found in this version of the package"
+    repeat = args.heads // args.kv_heads
+    blockwise_kwargs = dict(causal_block_size=None if args.non_causal else 1, query_chunk_size=args.block_size,
+                            key_chunk_size=args.block_size, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
+                            dtype=jnp.dtype(args.dtype), policy=jax.checkpoint_policies.nothing_saveable,
+                            precision=None, prevent_cse=True)
+
+    def local(q, k, v):
+        k, v = (jnp.repeat(x, repeat, axis=2) for x in (k, v))
+        return ring_fn(q, k, v, None, None, None, "sequence", True, blockwise_kwargs)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs[0], specs[1], specs[1]), out_specs=specs[0],
+                         check_vma=False)
+
+
+def work_balance(args, ra, ring_sizes) -> list[dict]:
+    """Per-device causal ring work, zigzag vs contiguous, at the longest benchmarked length."""
+    rows = []
+    length = max(args.lengths)
+    for size in ring_sizes:
+        if size < 2:
+            continue
+        for layout in ("zigzag", "contiguous"):
+            try:
+                work = ra.ring_work(length, size, layout=layout, causal=not args.non_causal)
+            except ValueError as e:
+                print(f"work balance ring {size} {layout}: {e}")
+                continue
+            pairs = work["pairs_computed"]
+            rows.append(dict(ring_size=size, layout=layout, seq_len=length,
+                             blocks_min=int(work["blocks"].min()), blocks_max=int(work["blocks"].max()),
+                             pairs_min=int(pairs.min()), pairs_max=int(pairs.max()),
+                             imbalance=round(float(pairs.max() / pairs.mean()), 3)))
+    if rows:
+        print("\nper-device work of the ring schedule (pairs = (q, k) pairs in the kernels run; "
+              "imbalance = max / mean, 1.0 is perfect)")
+        print(_table(list(rows[0]), [list(r.values()) for r in rows]))
+    return rows
+
+
+def _format_row(row: Row) -> str:
+    if row.status != "ok":
+        return f"{row.method:>16} x{row.devices:<2} L={row.seq_len:>8} {row.pass_:>8}  {row.status}"
+    return (f"{row.method:>16} x{row.devices:<2} L={row.seq_len:>8} {row.pass_:>8}  {row.ms:10.2f} ms "
+            f"{row.tflops:8.3f} TFLOP/s {row.peak_mib:9.1f} MiB")
+
+
+def _table(header, rows) -> str:
+    cells = [[str(c) for c in header]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(args, rows: list[Row], balance: list[dict]) -> None:
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    header = ["method", "devices", "seq_len", "pass", "ms", "TFLOP/s", "peak_MiB", "status"]
+    table = [[r.method, r.devices, r.seq_len, r.pass_, r.ms, r.tflops, r.peak_mib, r.status] for r in rows]
+    with open(args.results_dir / "bench.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + table)
+    settings = (f"preset {args.preset}: B={args.batch} H={args.heads} G={args.kv_heads} D={args.head_dim} "
+                f"{args.dtype} {'bidirectional' if args.non_causal else 'causal'}, block {args.block_size}, "
+                f"median of {args.iters} runs\n\n")
+    (args.results_dir / "bench.md").write_text(settings + _markdown(header, table))
+    if balance:
+        with open(args.results_dir / "work_balance.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(balance[0]))
+            writer.writeheader()
+            writer.writerows(balance)
+        (args.results_dir / "work_balance.md").write_text(
+            _markdown(list(balance[0]), [list(b.values()) for b in balance]))
+    ok = [row for row in table if row[-1] == "ok"]
+    print("\n" + _table(header[:-1], [r[:-1] for r in ok]))
+    extra = ", work_balance.csv, work_balance.md" if balance else ""
+    print(f"\nwrote {args.results_dir}/bench.csv, bench.md{extra}")
+
+
+if __name__ == "__main__":
+    main()

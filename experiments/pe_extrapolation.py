@@ -1,0 +1,260 @@
+"""Positional-encoding extrapolation: train short, test long.
+
+    python experiments/pe_extrapolation.py --preset cpu    # 2 CPU cores, < 10 minutes
+    python experiments/pe_extrapolation.py --preset gpu    # one GPU, < 15 minutes
+
+One model per positional encoding (sinusoidal, learned, RoPE, ALiBi, NoPE) is trained on the KJV
+corpus at length L with the library's own `train`, then evaluated on held-out text at L, 2L, 4L,
+8L and 16L (non-overlapping chunks; plus sliding-window evaluation of RoPE). The RoPE model is also
+evaluated with position interpolation (linear), NTK-aware, dynamic NTK and YaRN scaling applied at
+inference without retraining (scale factor = eval length / L), and after a short fine-tune at 4L
+with YaRN scaling (init_from the RoPE run). A second set of models per encoding is trained on the
+synthetic passkey task and tested for retrieval accuracy across lengths and depths.
+
+Writes perplexity.csv / perplexity.md / perplexity.png and passkey.csv / passkey.md / passkey.png
+under --results-dir. Runs are resumable: rerunning the command continues unfinished training
+runs from their checkpoints and reuses finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+PRESETS = {
+    "cpu": dict(train_len=64, factors=(1, 2, 4, 8, 16), d_model=128, layers=3, heads=4, batch=16, steps=600,
+                lr=2e-3, warmup=50, eval_sequences=8, finetune_steps=100, passkey_len=160, passkey_steps=500,
+                passkey_factors=(1, 2, 4), passkey_trials=8, block=256),
+    "gpu": dict(train_len=512, factors=(1, 2, 4, 8, 16), d_model=512, layers=8, heads=8, batch=32, steps=3000,
+                lr=1e-3, warmup=200, eval_sequences=16, finetune_steps=300, passkey_len=512, passkey_steps=2000,
+                passkey_factors=(1, 2, 4, 8), passkey_trials=20, block=512),
+}
+ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "nope")
+ROPE_SCALINGS = ("linear", "ntk", "dynamic_ntk", "yarn")
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--results-dir", default=None, help="default: experiments/results/pe_extrapolation/<preset>")
+    parser.add_argument("--runs-dir", default=None, help="default: runs/pe_extrapolation/<preset>")
+    parser.add_argument("--encodings", default=",".join(ENCODINGS))
+    parser.add_argument("--skip-passkey", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run, e.g. model.d_model=64")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.encodings.split(",")) - set(ENCODINGS))
+    if unknown:
+        parser.error(f"unknown encoding {unknown[0]!r}; choose from {', '.join(ENCODINGS)}")
+    args.results_dir = Path(args.results_dir or f"experiments/results/pe_extrapolation/{args.preset}")
+    args.runs_dir = Path(args.runs_dir or f"runs/pe_extrapolation/{args.preset}")
+    return args
+
+
+def base_config(p: dict, encoding: str, run_dir: Path, overrides: list[str]):
+    from transformer.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
+                                    apply_overrides)
+
+    longest = p["train_len"] * max(p["factors"])
+    cfg = Config(
+        model=ModelConfig(d_model=p["d_model"], num_layers=p["layers"], num_heads=p["heads"], position=encoding,
+                          max_seq_len=longest if encoding == "learned" else p["train_len"],
+                          attention_block_size=p["block"]),
+        mesh=MeshConfig(data=1),
+        data=DataConfig(seq_len=p["train_len"], global_batch_size=p["batch"]),
+        optim=OptimConfig(lr=p["lr"], warmup_steps=p["warmup"]),
+        checkpoint=CheckpointConfig(every_steps=max(p["steps"] // 4, 1), keep_last=1),
+        steps=p["steps"], eval_every=0, log_every=50, run_dir=str(run_dir), progress_bar=False, tensorboard=False,
+    )
+    return apply_overrides(cfg, overrides).validate()
+
+
+def train_run(cfg) -> None:
+    from transformer.train import train
+
+    started = time.perf_counter()
+    summary = train(cfg)
+    print(f"  trained {cfg.run_dir}: step {summary['step']} loss {summary['loss']} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def single_device_mesh():
+    import jax
+
+    from transformer import sharding
+    from transformer.config import MeshConfig
+
+    return sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+
+
+def perplexity_rows(p: dict, runs: Path, encodings: list[str], overrides: list[str]) -> list[dict]:
+    from transformer.evaluate import load_model, perplexity_at_lengths
+
+    mesh = single_device_mesh()
+    lengths = [p["train_len"] * f for f in p["factors"]]
+    rows = []
+
+    def record(method: str, results: list[dict]) -> None:
+        for r in results:
+            rows.append({"method": method, "length": r["length"], "perplexity": r["perplexity"], "loss": r["loss"]})
+        print(f"  {method:>24}: " + "  ".join(f"{r['length']}:{r['perplexity']:.2f}" for r in results), flush=True)
+
+    for encoding in encodings:
+        cfg = base_config(p, encoding, runs / encoding, overrides)
+        train_run(cfg)
+        loaded = load_model(str(runs / encoding), mesh=mesh)
+        record(encoding, perplexity_at_lengths(loaded, lengths, p["eval_sequences"], mesh=mesh))
+        if encoding != "rope":
+            continue
+        record("rope + sliding window", perplexity_at_lengths(loaded, lengths, p["eval_sequences"], mode="sliding",
+                                                               mesh=mesh))
+        for scaling in ROPE_SCALINGS:
+            results = []
+            for length in lengths:
+                factor = max(length / p["train_len"], 1.0)
+                model_cfg = dataclasses.replace(loaded.cfg.model, rope_scaling=scaling, rope_scaling_factor=factor)
+                results += perplexity_at_lengths(loaded, [length], p["eval_sequences"], model_cfg=model_cfg, mesh=mesh)
+            record(f"rope + {scaling}", results)
+
+        finetune_len = 4 * p["train_len"]
+        ft = base_config(p, "rope", runs / "rope_yarn_finetune", overrides)
+        ft = dataclasses.replace(
+            ft,
+            model=dataclasses.replace(ft.model, rope_scaling="yarn", rope_scaling_factor=4.0),
+            data=dataclasses.replace(ft.data, seq_len=finetune_len, global_batch_size=max(p["batch"] // 4, 1)),
+            optim=dataclasses.replace(ft.optim, warmup_steps=10, lr=p["lr"] / 4),
+            checkpoint=dataclasses.replace(ft.checkpoint, init_from=str(runs / "rope")),
+            steps=p["finetune_steps"],
+        ).validate()
+        train_run(ft)
+        record("rope + yarn fine-tune 4L", perplexity_at_lengths(str(runs / "rope_yarn_finetune"), lengths,
+                                                                  p["eval_sequences"], mesh=mesh))
+    return rows
+
+
+def passkey_rows(p: dict, runs: Path, encodings: list[str], overrides: list[str]) -> list[dict]:
+    from transformer.evaluate import passkey_accuracy
+
+    mesh = single_device_mesh()
+    lengths = [p["passkey_len"] * f for f in p["passkey_factors"]]
+    rows = []
+    for encoding in encodings:
+        cfg = base_config(p, encoding, runs / f"passkey_{encoding}", overrides)
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, max_seq_len=max(lengths) if encoding == "learned" else p["passkey_len"]),
+            data=dataclasses.replace(cfg.data, dataset="passkey", seq_len=p["passkey_len"]),
+            steps=p["passkey_steps"],
+        ).validate()
+        train_run(cfg)
+        results = passkey_accuracy(str(runs / f"passkey_{encoding}"), lengths, DEPTHS, p["passkey_trials"], mesh=mesh)
+        for r in results:
+            rows.append({"method": encoding, "length": r["length"], "depth": r["depth"], "accuracy": r["accuracy"],
+                         "digit_accuracy": r["digit_accuracy"]})
+        print(f"  passkey {encoding:>10}: " + "  ".join(
+            f"{length}:{sum(r['accuracy'] for r in results if r['length'] == length) / len(DEPTHS):.2f}"
+            for length in lengths), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pivot_markdown(rows: list[dict], row_key: str, col_key: str, value_key: str, fmt: str) -> str:
+    row_values = sorted({r[row_key] for r in rows})
+    columns = list(dict.fromkeys(r[col_key] for r in rows))
+    cell = {(r[row_key], r[col_key]): r[value_key] for r in rows}
+    lines = [f"| {row_key} | " + " | ".join(str(c) for c in columns) + " |",
+             "|---:|" + "---:|" * len(columns)]
+    for rv in row_values:
+        values = [format(cell[(rv, c)], fmt) if (rv, c) in cell else "" for c in columns]
+        lines.append(f"| {rv} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_perplexity(rows: list[dict], train_len: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["length"], r["perplexity"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*points), marker="o", label=method, linestyle="--" if "+" in method else "-")
+    ax.axvline(train_len, color="grey", linewidth=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="held-out perplexity",
+           title=f"Length extrapolation (trained at L={train_len})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_passkey(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = np.array([[next(r["accuracy"] for r in rows if r["method"] == method and r["length"] == length
+                               and r["depth"] == depth) for length in lengths] for depth in DEPTHS])
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set(title=method, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(DEPTHS)),
+               yticklabels=DEPTHS, xlabel="length")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w" if value < 0.5 else "k", fontsize=7)
+    axes[0][0].set_ylabel("depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    p = PRESETS[args.preset]
+    encodings = args.encodings.split(",")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    print(f"perplexity sweep ({args.preset}): train at L={p['train_len']}", flush=True)
+    rows = perplexity_rows(p, args.runs_dir, encodings, args.overrides)
+    write_csv(args.results_dir / "perplexity.csv", rows)
+    table = pivot_markdown(rows, "length", "method", "perplexity", ".2f")
+    (args.results_dir / "perplexity.md").write_text(table)
+    plot_perplexity(rows, p["train_len"], args.results_dir / "perplexity.png")
+    print(table)
+
+    if not args.skip_passkey:
+        print(f"passkey sweep ({args.preset}): train at L={p['passkey_len']}", flush=True)
+        rows = passkey_rows(p, args.runs_dir, encodings, args.overrides)
+        write_csv(args.results_dir / "passkey.csv", rows)
+        mean_rows = [{"method": m, "length": n,
+                      "accuracy": sum(r["accuracy"] for r in rows if r["method"] == m and r["length"] == n) / len(DEPTHS)}
+                     for m in dict.fromkeys(r["method"] for r in rows) for n in sorted({r["length"] for r in rows})]
+        table = pivot_markdown(mean_rows, "length", "method", "accuracy", ".2f")
+        (args.results_dir / "passkey.md").write_text("Passkey accuracy (mean over depths)\n\n" + table)
+        plot_passkey(rows, args.results_dir / "passkey.png")
+        print(table)
+    print(f"done in {time.perf_counter() - started:.0f} s; results in {args.results_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Checkpoints that continue a run bit-for-bit, on any mesh and process count.
+
+Layout of a run directory::
+
+    run_dir/config.json                 the run's config (JSON)
+    run_dir/checkpoints/<step>/state    the full nnx state (params, optimizer, rng, router biases)
+    run_dir/checkpoints/<step>/config   the config that wrote the checkpoint
+    run_dir/checkpoints/<step>/meta     step, process and device counts, library versions
+    run_dir/checkpoints_skipped/        incomplete or unreadable checkpoints moved aside on resume
+
+Usage in a training loop (every process makes the same calls)::
+
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, config=cfg)
+    restored = ckpt.restore_latest(abstract_state)      # None: start from scratch
+    with PreemptionGuard() as guard:
+        for step in range(start, cfg.steps):
+            state = train_step(state, batch(step)); step += 1
+            if guard.should_stop():
+                ckpt.maybe_save(step, state, force=True); break
+            ckpt.maybe_save(step, state)
+    ckpt.close()
+
+The saved step is the number of completed optimizer steps, which is also the data
+position (batches are indexed by step).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from transformer.config import CheckpointConfig, Config, ConfigError
+
+CHECKPOINTS = "checkpoints"
+SKIPPED = "checkpoints_skipped"
+CONFIG_FILE = "config.json"
+COMMIT_FILE = "commit_success.txt"
+
+# Config fields that may change when a run is resumed: they do not change what the
+# checkpoint holds or which batch comes next (mesh changes reshard on restore).
+RESUMABLE_FIELDS = (
+    "run_dir", "steps", "checkpoint.", "mesh.", "log_every", "eval_every", "eval_batches",
+    "progress_bar", "tensorboard", "nan_guard", "loss_chunk_size",
+    "model.attention_kernel", "model.attention_block_size", "model.remat",
+)
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped or moved aside."""
+
+
+# ---------------------------------------------------------------- config comparison
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict, current: Config) -> list[str]:
+    """`field: saved X, current Y` for each field that must match to continue a run."""
+    old = _flatten(saved)
+    new = _flatten(json.loads(current.to_json()))
+    diffs = []
+    for name in sorted(set(old) | set(new)):
+        if name.startswith(RESUMABLE_FIELDS) or old.get(name) == new.get(name):
+            continue
+        diffs.append(f"{name}: saved {old.get(name, '<absent>')!r}, current {new.get(name, '<absent>')!r}")
+    return diffs
+
+
+def _check_same_run(saved: dict, current: Config, where: str) -> None:
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise ConfigError(
+            f"{where} belongs to a run with a different config ({'; '.join(diffs)}). "
+            "Use a new run_dir, or checkpoint.init_from=<that run_dir> to start from its params.")
+
+
+# ---------------------------------------------------------------- state trees
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _to_pure(tree) -> dict:
+    """Nested dict of arrays (or ShapeDtypeStructs) from an nnx.State or a dict of Variables/arrays."""
+    if isinstance(tree, nnx.State):
+        return nnx.to_pure_dict(tree)
+    return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable)
+
+
+def _from_pure(template, pure: dict):
+    """`pure`'s values in the structure (and Variable types) of `template`."""
+    if isinstance(template, nnx.State):
+        result = jax.tree.map(lambda x: x, template)
+        nnx.replace_by_pure_dict(result, pure)
+        return result
+    return jax.tree.map(lambda t, v: t.replace(v) if _is_variable(t) else v, template, pure, is_leaf=_is_variable)
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs for a tree of arrays or ShapeDtypeStructs; leaves without a
+    sharding go to the first local device."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or default)
+    return jax.tree.map(leaf, tree)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` holds on every process (every process must call this)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], dtype=np.int32))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------- step directories
+
+
+def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
+    """Finished-looking step directories (integer names), newest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(p.name), p) for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(found, reverse=True)
+
+
+def _temporary_dirs(checkpoints: Path) -> list[Path]:
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def _missing_parts(step_dir: Path) -> str | None:
+    """Why `step_dir` is not a complete checkpoint, or None if all its parts are there."""
+    for part in (COMMIT_FILE, "state/_METADATA", "state/manifest.ocdbt", "config", "meta"):
+        if not (step_dir / part).exists():
+            return f"missing {part}" + (" (the save never finished)" if part == COMMIT_FILE else "")
+    return None
+
+
+def _step_checkpointer(state_handler) -> ocp.Checkpointer:
+    """Reads one step directory outside a CheckpointManager (for init_from)."""
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+        state=state_handler, config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+
+
+# ---------------------------------------------------------------- Checkpointer
+
+
+class Checkpointer:
+    """Saves and restores the training state of the run in `run_dir` (orbax CheckpointManager)."""
+
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, config: Config):
+        cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.directory = self.run_dir / CHECKPOINTS
+        self.cfg = cfg
+        self.config = config
+        self._config_json = json.loads(config.to_json())
+        self._check_run_dir()
+        self._write_config_json()
+        policies = [ocp.checkpoint_managers.LatestN(cfg.keep_last)]
+        if cfg.keep_every:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(cfg.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory.absolute(), options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = self._manager.latest_step()
+
+    def _check_run_dir(self) -> None:
+        """Refuse a run_dir whose config.json or newest readable checkpoint is from a different run."""
+        config_path = self.run_dir / CONFIG_FILE
+        if config_path.exists():
+            _check_same_run(json.loads(config_path.read_text()), self.config, f"run_dir {str(self.run_dir)!r}")
+        for _, step_dir in _step_dirs(self.directory):
+            if _missing_parts(step_dir) is None:
+                try:
+                    saved = _step_checkpointer(ocp.StandardCheckpointHandler()).restore(
+                        step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+                except Exception:  # unreadable: restore_latest skips it with a warning
+                    continue
+                _check_same_run(saved, self.config, f"checkpoint {str(step_dir)!r}")
+                return
+
+    def _write_config_json(self) -> None:
+        if jax.process_index() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path = self.run_dir / CONFIG_FILE
+            text = self.config.to_json() + "\n"
+            if not path.exists() or path.read_text() != text:
+                tmp = path.with_suffix(".json.tmp")
+                tmp.write_text(text)
+                tmp.replace(path)
+        _barrier("transformer.checkpoint.config_json")
+
+    def _read_config(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    # -------------------------------------------------------------- restore
+
+    def restore_latest(self, abstract_state) -> tuple[Any, int] | None:
+        """(state, step) from the newest good checkpoint, or None if the run has none.
+
+        `abstract_state` holds jax.ShapeDtypeStructs whose shardings say where each array
+        goes (any mesh, any process count). Incomplete or unreadable checkpoints newer than
+        the one restored are skipped with a warning and moved to run_dir/checkpoints_skipped.
+        """
+        self.wait_until_finished()
+        self._manager.reload()
+        abstract_pure = _abstract(_to_pure(abstract_state))
+        skipped: list[Path] = []
+        for step, step_dir in _step_dirs(self.directory):
+            problem = _missing_parts(step_dir)
+            saved_config = None
+            if problem is None:
+                try:
+                    saved_config = self._read_config(step)
+                except Exception as e:
+                    problem = f"unreadable config ({type(e).__name__}: {e})"
+            if not _all_processes_agree(problem is None):
+                problem = problem or "unreadable on another process"
+            if problem is None:
+                _check_same_run(saved_config, self.config, f"checkpoint {str(step_dir)!r}")
+                try:
+                    restored = self._manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_pure))).state
+                except Exception as e:
+                    problem = f"unreadable state ({type(e).__name__}: {str(e)[:500]})"
+                if not _all_processes_agree(problem is None):
+                    problem = problem or "unreadable on another process"
+            if problem is not None:
+                warnings.warn(f"skipping checkpoint {step_dir}: {problem}; trying the previous one",
+                              CheckpointWarning, stacklevel=2)
+                skipped.append(step_dir)
+                continue
+            self._set_aside(skipped + [p for p in _temporary_dirs(self.directory)
+                                       if not p.name.split(".")[0].isdigit() or int(p.name.split(".")[0]) > step])
+            self._last_saved_step = step
+            return _from_pure(abstract_state, restored), step
+        if skipped:
+            raise ValueError(f"no restorable checkpoint in {self.directory}: all of "
+                             f"{', '.join(p.name for p in skipped)} are incomplete or corrupt (see warnings); "
+                             "move them away to start the run from scratch")
+        self._set_aside(_temporary_dirs(self.directory))
+        return None
+
+    def _set_aside(self, paths: list[Path]) -> None:
+        """Move incomplete checkpoints out of the way (never deleted) so their steps can be saved again."""
+        if paths and jax.process_index() == 0:
+            target = self.run_dir / SKIPPED
+            target.mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                dest = target / path.name
+                if dest.exists():
+                    dest = target / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**6}"
+                shutil.move(str(path), str(dest))
+                warnings.warn(f"moved skipped checkpoint {path} to {dest}", CheckpointWarning, stacklevel=3)
+        _barrier("transformer.checkpoint.set_aside")
+        self._manager.reload()
+
+    # -------------------------------------------------------------- save
+
+    def should_save(self, step: int, *, force: bool = False) -> bool:
+        """Whether `step` is due (every_steps / every_seconds / force) and not saved yet.
+
+        With several processes and checkpoint.every_seconds, process 0's clock decides (a
+        collective: call on every process at every step)."""
+        if self._last_saved_step is not None and step <= self._last_saved_step:
+            return False
+        if force or (self.cfg.every_steps and step % self.cfg.every_steps == 0):
+            return True
+        if not self.cfg.every_seconds:
+            return False
+        due = time.monotonic() - self._last_save_time >= self.cfg.every_seconds
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
+        """Save `state` as checkpoint `step` if a policy (or `force`) says so; True if saved.
+
+        With checkpoint.async_save the write continues in the background; the arrays are
+        copied off the device before this returns, so `state` may be donated afterwards.
+        """
+        if not self.should_save(step, force=force):
+            return False
+        meta = {"step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"jax": jax.__version__, "orbax": ocp.__version__}}
+        saved = self._manager.save(
+            step, force=True,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_to_pure(state)),
+                                    config=ocp.args.JsonSave(self._config_json),
+                                    meta=ocp.args.JsonSave(meta)))
+        if saved:
+            self._last_saved_step = step
+            self._last_save_time = time.monotonic()
+        return saved
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- params-only initialisation
+
+
+def _resolve_step_dir(path: str) -> Path:
+    root = Path(path)
+    if not path or not root.exists():
+        raise ConfigError(f"checkpoint.init_from={path!r} does not exist; give a run directory "
+                          f"(with {CHECKPOINTS}/) or a checkpoint step directory (with state/)")
+    if (root / "state").is_dir():
+        problem = _missing_parts(root)
+        if problem:
+            raise ConfigError(f"checkpoint.init_from={path!r} is not a complete checkpoint: {problem}")
+        return root
+    candidates = root / CHECKPOINTS if (root / CHECKPOINTS).is_dir() else root
+    steps = _step_dirs(candidates)
+    for _, step_dir in steps:
+        problem = _missing_parts(step_dir)
+        if problem is None:
+            return step_dir
+        warnings.warn(f"skipping checkpoint {step_dir}: {problem}; trying the previous one",
+                      CheckpointWarning, stacklevel=3)
+    raise ConfigError(f"checkpoint.init_from={path!r} holds no complete checkpoint; give a run directory "
+                      f"(with {CHECKPOINTS}/<step>/) or a checkpoint step directory (with state/)")
+
+
+def _flat_paths(tree) -> dict[tuple, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf for path, leaf in flat}
+
+
+def _find_subtree(saved: dict, wanted: set[tuple]) -> tuple:
+    """Key path of the subtree of `saved` (a nested dict) that holds every path in `wanted`."""
+    queue = [((), saved)]
+    while queue:
+        prefix, node = queue.pop(0)
+        if isinstance(node, dict):
+            if wanted <= set(_flat_paths(node)):
+                return prefix
+            queue.extend((prefix + (key,), child) for key, child in node.items())
+    raise ValueError("the checkpoint holds no subtree with all parameters; first missing ones: "
+                     f"{sorted('/'.join(p) for p in wanted - set(_flat_paths(saved)))[:5]}")
+
+
+def restore_params(path: str, abstract_params):
+    """Params only (no optimizer state or step) from a run dir (its newest complete checkpoint)
+    or a checkpoint step dir, placed on the shardings in `abstract_params`."""
+    step_dir = _resolve_step_dir(path)
+    abstract_pure = _to_pure(abstract_params)
+    checkpointer = _step_checkpointer(ocp.PyTreeCheckpointHandler())
+    saved_tree = checkpointer.metadata(step_dir).item_metadata["state"].tree
+    wanted = _flat_paths(abstract_pure)
+    prefix = _find_subtree(saved_tree, set(wanted))
+    saved_leaves = _flat_paths(saved_tree)
+    for key, leaf in wanted.items():
+        saved_shape = tuple(saved_leaves[tuple(prefix) + key].shape)
+        if saved_shape != tuple(leaf.shape):
+            raise ValueError(f"param {'/'.join(key)} has shape {saved_shape} in {step_dir} "
+                             f"but {tuple(leaf.shape)} in the model")
+    target = abstract_pure
+    for key in reversed(prefix):
+        target = {key: target}
+    target = _abstract(target)
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))).state
+    for key in prefix:
+        restored = restored[key]
+    return _from_pure(abstract_params, restored)
+
+
+# ---------------------------------------------------------------- preemption
+
+
+class PreemptionGuard:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step.
+
+    Inside the `with` block a signal sets `.requested` (a second SIGINT interrupts at
+    once). On exit the previous handlers come back. With several processes call
+    `should_stop()` once per step on every process: it is True on all of them as soon as
+    any one was signalled, so they save the same step together.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal = signum
+
+    def should_stop(self) -> bool:
+        return not _all_processes_agree(not self.requested)
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("PreemptionGuard outside the main thread cannot install signal handlers; "
+                          "SIGTERM will not be caught", CheckpointWarning, stacklevel=2)
+            return self
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

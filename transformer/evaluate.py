@@ -1,0 +1,314 @@
+"""Evaluation of a trained run: held-out perplexity at many lengths and passkey retrieval.
+
+    python -m transformer.evaluate run_dir=runs/tiny lengths=128,256,512 [num_sequences=8]
+        [mode=chunks|sliding] [stride=N] [passkey_lengths=128,256] [depths=0,0.5,1] [trials=10]
+        [seed=0] [batch_size=8] [out=PATH] [model.rope_scaling=yarn model.rope_scaling_factor=4 ...]
+
+Any `a.b=value` config override is applied to the run's saved config, so positional scaling
+(rope_scaling and its factors) can change at inference without retraining; overrides that
+change parameter shapes are refused when the checkpoint is loaded. Prints a table and writes
+JSON (default run_dir/evaluation.json). Runs in a single process, on one device unless a
+`mesh.*` override asks for more (a `mesh.sequence` axis > 1 evaluates with ring attention).
+
+Perplexity modes, for each length L over the first `num_sequences` held-out windows of L + 1 tokens:
+- "chunks": each window is one forward pass of L tokens (perplexity *at* context length L).
+- "sliding": windows of the training length W = data.seq_len move by `stride` (default W / 2);
+  each scores only the tokens no earlier window scored, so every token after the first window
+  sees at least W - stride tokens of context (a no-extrapolation baseline for L > W).
+
+Passkey accuracy: the fraction of examples whose answer digits are all the model's argmax
+predictions given the true prefix, which is exactly when greedy decoding would produce the
+answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transformer import sharding
+from transformer.checkpoint import CONFIG_FILE, restore_params
+from transformer.config import Config, ConfigError, MeshConfig, ModelConfig, apply_overrides
+from transformer.data import make_dataset
+from transformer.data.synthetic import passkey_example
+from transformer.model import build_model
+from transformer.ops.ring_attention import zigzag_permutation
+from transformer.train import loss_sums, place_batch
+
+MODES = ("chunks", "sliding")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for evaluation: its config, nnx graphdef and (sharded) state, and the mesh."""
+
+    cfg: Config
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    mesh: jax.sharding.Mesh
+
+
+def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Sequence[str] = (),
+               mesh=None) -> LoadedModel:
+    """`source`: a run directory (newest complete checkpoint, params and router biases), a
+    (Config, model state or nnx.Module) pair, or a LoadedModel. `model_cfg` replaces cfg.model and
+    `overrides` ("a.b=value") are applied after it; neither may change parameter shapes. `mesh`
+    defaults to one device, or to cfg.mesh over all devices when an override sets a mesh.* field."""
+    if isinstance(source, LoadedModel):
+        if model_cfg is None and not overrides and mesh is None:
+            return source
+        source = (source.cfg, source.state)
+    if isinstance(source, (str, Path)):
+        config_path = Path(source) / CONFIG_FILE
+        if not config_path.exists():
+            raise ValueError(f"run_dir={str(source)!r} has no {CONFIG_FILE}; give the directory of a training run")
+        cfg = Config.from_dict(json.loads(config_path.read_text()))
+        saved = None
+    elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Config):
+        cfg, saved = source
+        if isinstance(saved, nnx.Module):
+            saved = nnx.state(saved)
+    else:
+        raise ValueError(f"source={source!r:.80} must be a run directory, a (Config, model state) pair or a LoadedModel")
+    if model_cfg is not None:
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+    cfg = apply_overrides(cfg, list(overrides)).validate()
+    if cfg.model.architecture != "decoder":
+        raise ConfigError(f"model.architecture={cfg.model.architecture!r}: perplexity and passkey evaluation "
+                          "need a causal decoder LM ('decoder')")
+    if mesh is None:
+        mesh = (sharding.make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides)
+                else sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    with sharding.use_mesh(mesh):
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))))
+        shardings = sharding.state_shardings(abstract, mesh)
+        if saved is None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            state = restore_params(str(source), target)
+        else:
+            _check_shapes(saved, abstract)
+            state = jax.device_put(saved, shardings)
+    return LoadedModel(cfg, graphdef, state, mesh)
+
+
+def _check_shapes(saved, abstract) -> None:
+    saved_shapes = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        key = jax.tree_util.keystr(path)
+        if saved_shapes.get(key) != tuple(leaf.shape):
+            raise ValueError(f"model state {key} has shape {saved_shapes.get(key)} but the model config needs "
+                             f"{tuple(leaf.shape)}; overrides must not change parameter shapes")
+
+
+def _check_length(cfg: Config, length: int, ring: int) -> None:
+    if length < 1:
+        raise ValueError(f"length {length} must be >= 1")
+    if cfg.model.position == "learned" and length > cfg.model.max_seq_len:
+        raise ValueError(f"length {length} exceeds model.max_seq_len={cfg.model.max_seq_len}, the size of the "
+                         "learned position table; use lengths <= max_seq_len or another position encoding")
+    if ring > 1 and length % (2 * ring):
+        raise ValueError(f"length {length} is not divisible by 2 x mesh.sequence={ring}; choose multiples of {2 * ring}")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _loss_sums(graphdef, state, batch, loss_chunk_size: int):
+    sums, _ = loss_sums(nnx.merge(graphdef, state), batch, loss_chunk_size=loss_chunk_size)
+    return sums
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _argmax_at(graphdef, state, batch, index_BA):
+    """Argmax predictions at the (layout) positions index_BA, projecting only those hidden states."""
+    model = nnx.merge(graphdef, state)
+    hidden_BLD, _ = model(batch["inputs_BL"], positions_BL=batch["positions_BL"],
+                          segment_ids_BL=batch["segment_ids_BL"], return_hidden=True)
+    picked_BAD = jnp.take_along_axis(hidden_BLD, index_BA[..., None], axis=1)
+    return jnp.argmax(model.logits(picked_BAD), axis=-1)
+
+
+def _batch(inputs_BL, targets_BL, mask_BL) -> dict[str, np.ndarray]:
+    B, L = inputs_BL.shape
+    return {"inputs_BL": inputs_BL.astype(np.int32), "targets_BL": targets_BL.astype(np.int32),
+            "loss_mask_BL": mask_BL.astype(np.float32),
+            "positions_BL": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+            "segment_ids_BL": np.ones((B, L), np.int32)}
+
+
+def _windows(length: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) of each sliding window over `length` tokens."""
+    if length <= window:
+        return [(0, 0)]
+    starts = list(range(0, length - window, stride)) + [length - window]
+    return [(start, 0 if i == 0 else starts[i - 1] + window - start) for i, start in enumerate(starts)]
+
+
+def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8, *, mode: str = "chunks",
+                          stride: int = 0, model_cfg: ModelConfig | None = None, batch_size: int = 8,
+                          mesh=None) -> list[dict]:
+    """Held-out perplexity at each length: one dict per length with length, loss (mean nats/token),
+    perplexity, tokens, mode (and window, stride for "sliding"). See the module docstring for modes."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not valid; choose one of {', '.join(map(repr, MODES))}")
+    if num_sequences < 1 or batch_size < 1:
+        raise ValueError(f"num_sequences={num_sequences} and batch_size={batch_size} must be >= 1")
+    loaded = load_model(source, model_cfg=model_cfg, mesh=mesh)
+    cfg, ring = loaded.cfg, loaded.mesh.shape["sequence"]
+    window = cfg.data.seq_len
+    stride = stride or max(window // 2, 1)
+    if mode == "sliding" and not 1 <= stride <= window:
+        raise ValueError(f"stride={stride} must be in [1, data.seq_len={window}] for mode='sliding'")
+    data = make_dataset(cfg.data, "eval")
+    results = []
+    with sharding.use_mesh(loaded.mesh):
+        for length in lengths:
+            _check_length(cfg, length, ring)
+            tokens_NT = data.eval_sequences(length, num_sequences)
+            spans = _windows(length, window, stride) if mode == "sliding" else [(0, 0)]
+            span = min(length, window) if mode == "sliding" else length
+            ce = tokens = 0.0
+            for start, scored_from in spans:
+                mask_L = (np.arange(span) >= scored_from).astype(np.float32)
+                for row in range(0, num_sequences, batch_size):
+                    rows_NT = tokens_NT[row:row + batch_size, start:start + span + 1]
+                    batch = _batch(rows_NT[:, :-1], rows_NT[:, 1:], np.broadcast_to(mask_L, rows_NT[:, 1:].shape))
+                    sums = jax.device_get(_loss_sums(loaded.graphdef, loaded.state, place_batch(batch, loaded.mesh),
+                                                     cfg.loss_chunk_size))
+                    ce, tokens = ce + float(sums["ce"]), tokens + float(sums["tokens"])
+            loss = ce / tokens
+            result = {"length": int(length), "mode": mode, "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+                      "tokens": int(tokens)}
+            if mode == "sliding":
+                result.update(window=window, stride=stride)
+            results.append(result)
+    return results
+
+
+def passkey_accuracy(source, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), trials: int = 10, *,
+                     seed: int = 0, model_cfg: ModelConfig | None = None, mesh=None) -> list[dict]:
+    """Passkey retrieval accuracy in [0, 1] for each (length, depth): one dict with length, depth,
+    accuracy (exact match of every answer digit), digit_accuracy and trials."""
+    if trials < 1:
+        raise ValueError(f"trials={trials} must be >= 1")
+    loaded = load_model(source, model_cfg=model_cfg, mesh=mesh)
+    cfg, ring = loaded.cfg, loaded.mesh.shape["sequence"]
+    results = []
+    with sharding.use_mesh(loaded.mesh):
+        for length in lengths:
+            _check_length(cfg, length, ring)
+            layout = np.argsort(zigzag_permutation(length, ring)) if ring > 1 else np.arange(length)
+            for d, depth in enumerate(depths):
+                rng = np.random.default_rng([seed, int(length), d])
+                examples = [passkey_example(length, float(depth), rng, digits=cfg.data.passkey_digits)
+                            for _ in range(trials)]
+                tokens_NL = np.stack([tokens for tokens, _ in examples])
+                answers_NA = np.stack([tokens[start:end] for tokens, (start, end) in examples])
+                predicted_at_NA = np.stack([np.arange(start - 1, end - 1) for _, (start, end) in examples])
+                batch = _batch(tokens_NL, tokens_NL, np.ones_like(tokens_NL))
+                predicted_NA = np.asarray(jax.device_get(_argmax_at(
+                    loaded.graphdef, loaded.state, place_batch(batch, loaded.mesh),
+                    jnp.asarray(layout[predicted_at_NA], jnp.int32))))
+                correct_NA = predicted_NA == answers_NA
+                results.append({"length": int(length), "depth": float(depth),
+                                "accuracy": float(np.mean(np.all(correct_NA, axis=1))),
+                                "digit_accuracy": float(np.mean(correct_NA)), "trials": int(trials)})
+    return results
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _table(rows: list[dict], columns: Sequence[str]) -> str:
+    cells = [[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _ints(key: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected comma-separated integers, e.g. {key}=256,512") from None
+
+
+def _floats(key: str, text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part]
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected comma-separated numbers, e.g. {key}=0,0.5,1") from None
+
+
+OPTIONS = ("run_dir", "lengths", "num_sequences", "mode", "stride", "batch_size", "passkey_lengths", "depths",
+           "trials", "seed", "out")
+
+
+def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """(evaluation options, config overrides) from `key=value` arguments."""
+    options: dict = {}
+    overrides = []
+    for arg in argv:
+        if "=" not in arg:
+            raise ValueError(f"argument {arg!r} must look like key=value; options: {', '.join(OPTIONS)}, "
+                             "or a config override like model.rope_scaling=yarn")
+        key, value = arg.split("=", 1)
+        if key in OPTIONS:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    if "run_dir" not in options:
+        raise ValueError("run_dir=<training run directory> is required")
+    if "lengths" not in options:
+        raise ValueError("lengths=<comma-separated sequence lengths> is required, e.g. lengths=256,512")
+    parsed = {"run_dir": options["run_dir"], "lengths": _ints("lengths", options["lengths"]),
+              "mode": options.get("mode", "chunks"), "out": options.get("out", "")}
+    for key, default in (("num_sequences", 8), ("stride", 0), ("batch_size", 8), ("trials", 10), ("seed", 0)):
+        values = _ints(key, options.get(key, str(default)))
+        if len(values) != 1:
+            raise ValueError(f"{key}={options[key]!r}: expected one integer")
+        parsed[key] = values[0]
+    parsed["passkey_lengths"] = _ints("passkey_lengths", options.get("passkey_lengths", options["lengths"]))
+    parsed["depths"] = _floats("depths", options.get("depths", "0,0.5,1"))
+    return parsed, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (see the module docstring); bad arguments print one line and return 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, overrides = parse_args(argv)
+        loaded = load_model(args["run_dir"], overrides=overrides)
+        cfg = loaded.cfg
+        ppl = perplexity_at_lengths(loaded, args["lengths"], args["num_sequences"], mode=args["mode"],
+                                    stride=args["stride"], batch_size=args["batch_size"])
+        passkey = passkey_accuracy(loaded, args["passkey_lengths"], args["depths"], args["trials"],
+                                   seed=args["seed"]) if args["passkey_lengths"] else []
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"perplexity ({args['mode']}) of {args['run_dir']}" + (f" with {' '.join(overrides)}" if overrides else ""))
+    print(_table(ppl, ("length", "loss", "perplexity", "tokens")))
+    if passkey:
+        print("\npasskey retrieval")
+        print(_table(passkey, ("length", "depth", "accuracy", "digit_accuracy", "trials")))
+    out = Path(args["out"] or Path(args["run_dir"]) / "evaluation.json")
+    report = {"run_dir": args["run_dir"], "overrides": overrides, "model": dataclasses.asdict(cfg.model),
+              "num_sequences": args["num_sequences"], "perplexity": ppl, "passkey": passkey}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Transformer block (self-attention, optional cross-attention, MLP or MoE) with pre- or post-norm
+residuals, and `LayerGroup`, the unit the model scans over.
+
+pre-norm:  x = x + f(norm(x))     post-norm:  x = norm(x + f(x))
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from transformer import sharding
+from transformer.config import ModelConfig
+from transformer.layers.attention import Attention
+from transformer.layers.mlp import MLP
+from transformer.layers.norms import make_norm
+
+_ACT = ("batch", "length", "embed")
+
+
+class Block(nnx.Module):
+    """One layer. `__call__` returns (x_BLD, aux): the MoE's aux dict, or {} for a dense MLP."""
+
+    def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, moe: bool = False,
+                 rngs: nnx.Rngs):
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, num_layers=num_layers, causal=causal, rngs=rngs)
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.cross_attn = Attention(cfg, num_layers=num_layers, cross=True, rngs=rngs) if cross else None
+        self.ffn_norm = make_norm(cfg)
+        if moe:
+            from transformer.layers.moe import MoE
+
+            self.ffn = MoE(cfg, rngs=rngs)
+        else:
+            self.ffn = MLP(cfg, num_layers=num_layers, rngs=rngs)
+        self.moe = bool(moe)
+
+    def _residual(self, norm, f, x_BLD):
+        if self.pre_norm:
+            return x_BLD + f(norm(x_BLD))
+        return norm(x_BLD + f(x_BLD))
+
+    def __call__(self, x_BLD: jax.Array, *, positions_BL=None, segment_ids_BL=None, context_BSD=None,
+                 context_segment_ids_BS=None, update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+        x_BLD = sharding.constrain(x_BLD, _ACT)
+        x_BLD = self._residual(self.attn_norm, lambda h: self.attn(h, positions_BL=positions_BL,
+                                                                   segment_ids_BL=segment_ids_BL), x_BLD)
+        if self.cross_attn is not None:
+            x_BLD = self._residual(self.cross_norm, lambda h: self.cross_attn(
+                h, segment_ids_BL=segment_ids_BL, context_BSD=context_BSD,
+                context_segment_ids_BS=context_segment_ids_BS), x_BLD)
+        aux = {}
+        if self.moe:
+            def ffn(h_BLD):
+                y_BLD, aux_moe = self.ffn(h_BLD, update_router_bias=update_router_bias)
+                aux.update(aux_moe)
+                return y_BLD
+        else:
+            ffn = self.ffn
+        x_BLD = self._residual(self.ffn_norm, ffn, x_BLD)
+        return sharding.constrain(x_BLD, _ACT), aux
+
+
+class LayerGroup(nnx.Module):
+    """`size` consecutive blocks; with `moe_last` the last block's FFN is the MoE, so every scanned
+    group is identical. Returns (x_BLD, aux of that MoE block or {})."""
+
+    def __init__(self, cfg: ModelConfig, *, size: int, moe_last: bool, num_layers: int, causal: bool,
+                 cross: bool = False, rngs: nnx.Rngs):
+        self.blocks = nnx.List([
+            Block(cfg, num_layers=num_layers, causal=causal, cross=cross, moe=moe_last and i == size - 1, rngs=rngs)
+            for i in range(size)])
+
+    def __call__(self, x_BLD: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
+        aux = {}
+        for block in self.blocks:
+            x_BLD, block_aux = block(x_BLD, **kwargs)
+            aux.update(block_aux)
+        return x_BLD, aux

@@ -1,0 +1,280 @@
+"""Language models: decoder-only (`DecoderLM`, the main model), bidirectional `EncoderLM`, and
+`EncoderDecoderLM` (encoder + decoder with cross-attention); `build_model` picks one from the config.
+
+Layers are grouped into `LayerGroup`s of `moe.every_k_layers` blocks (1 for dense models) whose
+last block carries the MoE, so all groups are identical. With `scan_layers` the groups are
+created by `nnx.vmap` (params get a leading "layers" axis) and applied by `jax.lax.scan` over
+split/merged group states; otherwise they are an `nnx.List` applied in a Python loop. Both paths
+run the same (optionally rematerialised) group step, so for equal params they compute the same
+function. Layers left over when num_layers is not a multiple of every_k_layers are dense and
+follow the groups unscanned.
+
+Non-Param state (the MoE `RouterBias`) written inside the step comes back through the scan
+outputs and, with `update_router_bias=True`, is written into the model (in place); otherwise the
+model's variables are left untouched, so a model merged from closed-over state stays usable. MoE
+statistics come back through the scan outputs too: aux = {"aux_loss": sum of weighted MoE losses,
+"moe/<stat>": per-MoE-layer values stacked on a leading axis ("expert_load_E" -> "expert_load_LE")}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer import sharding
+from transformer.config import ARCHITECTURES, REMAT_POLICIES, ConfigError, ModelConfig
+from transformer.layers.block import LayerGroup
+from transformer.layers.embed import Embed, check_tokens
+from transformer.layers.norms import make_norm
+
+_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _add_layers_axis(module: nnx.Module) -> None:
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Variable):
+            axes = node.get_metadata().get("logical_axes")
+            if axes is not None:
+                node.set_metadata(logical_axes=("layers", *axes))
+
+
+def _group_step(graphdef, *, remat: str, scanned: bool, update_router_bias: bool, context: dict):
+    """step(x_BLD, params, rest) -> (x_BLD, aux, rest): one LayerGroup applied functionally."""
+
+    def step(x_BLD, params, rest):
+        group = nnx.merge(graphdef, params, rest)
+        x_BLD, aux = group(x_BLD, update_router_bias=update_router_bias, **context)
+        return x_BLD, aux, nnx.split(group, nnx.Param, ...)[2]
+
+    if remat == "none":
+        return step
+    if remat not in _POLICIES:
+        raise ConfigError(f"model.remat={remat!r} is not valid; choose one of {', '.join(map(repr, REMAT_POLICIES))}")
+    return jax.checkpoint(step, policy=_POLICIES[remat], prevent_cse=not scanned)
+
+
+class LayerStack(nnx.Module):
+    """num_layers blocks, scanned or unrolled; `__call__` -> (x_BLD, MoE stats stacked per MoE layer)."""
+
+    def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, rngs: nnx.Rngs):
+        moe = cfg.moe.num_experts > 0
+        size = cfg.moe.every_k_layers if moe else 1
+        num_groups, leftover = divmod(num_layers, size)
+        self.scan = cfg.scan_layers
+        self.remat = cfg.remat
+
+        def make(group_size, moe_last, group_rngs):
+            return LayerGroup(cfg, size=group_size, moe_last=moe_last, num_layers=num_layers, causal=causal,
+                              cross=cross, rngs=group_rngs)
+
+        if num_groups == 0:
+            self.groups = None
+        elif self.scan:
+            create = nnx.vmap(lambda key: make(size, moe, nnx.Rngs(params=key)), in_axes=0, out_axes=0)
+            self.groups = create(jax.random.split(rngs.params(), num_groups))
+            _add_layers_axis(self.groups)
+        else:
+            self.groups = nnx.List([make(size, moe, rngs) for _ in range(num_groups)])
+        self.leftover = make(leftover, False, rngs) if leftover else None
+
+    def _apply(self, group, x_BLD, **step_options):
+        graphdef, params, rest = nnx.split(group, nnx.Param, ...)
+        x_BLD, aux, rest = _group_step(graphdef, remat=self.remat, scanned=False, **step_options)(x_BLD, params, rest)
+        if step_options["update_router_bias"]:
+            nnx.update(group, rest)
+        return x_BLD, aux
+
+    def __call__(self, x_BLD: jax.Array, *, update_router_bias: bool = False, **context) -> tuple[jax.Array, dict]:
+        options = dict(update_router_bias=update_router_bias, context=context)
+        stats = {}
+        if self.groups is not None and self.scan:
+            graphdef, params, rest = nnx.split(self.groups, nnx.Param, ...)
+            step = _group_step(graphdef, remat=self.remat, scanned=True, **options)
+
+            def body(x_BLD, layer):
+                x_BLD, aux, layer_rest = step(x_BLD, *layer)
+                return x_BLD, (aux, layer_rest)
+
+            x_BLD, (stats, rest) = jax.lax.scan(body, x_BLD, (params, rest))
+            if update_router_bias:
+                nnx.update(self.groups, rest)
+        elif self.groups is not None:
+            per_group = []
+            for group in self.groups:
+                x_BLD, aux = self._apply(group, x_BLD, **options)
+                per_group.append(aux)
+            stats = jax.tree.map(lambda *values: jnp.stack(values), *per_group) if per_group[0] else {}
+        if self.leftover is not None:
+            x_BLD, _ = self._apply(self.leftover, x_BLD, **options)
+        return x_BLD, stats
+
+
+def moe_aux(stats: dict, prefix: str = "moe/") -> dict:
+    """Model aux dict from stacked MoE stats: "aux_loss" (summed over layers) plus prefixed stats."""
+    aux = {"aux_loss": jnp.sum(stats["aux_loss"]).astype(jnp.float32) if stats else jnp.zeros((), jnp.float32)}
+    for key, value in stats.items():
+        if key != "aux_loss":
+            aux[prefix + (key[:-2] + "_LE" if key.endswith("_E") else key)] = value
+    return aux
+
+
+def _check_like(name: str, value, shape: tuple) -> None:
+    if value is not None and tuple(jnp.shape(value)) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(jnp.shape(value))}; expected {tuple(shape)} like the tokens")
+
+
+class _SingleStackLM(nnx.Module):
+    """embed -> blocks -> final norm (pre-norm only) -> output projection."""
+
+    causal: bool
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.embed = Embed(cfg, rngs=rngs)
+        self.layers = LayerStack(cfg, num_layers=cfg.num_layers, causal=self.causal, rngs=rngs)
+        self.final_norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+
+    def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
+                 segment_ids_BL: jax.Array | None = None, return_hidden: bool = False,
+                 update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+        """(logits_BLV float32, or the final hidden_BLD with return_hidden, aux). Positions default
+        to arange; segment ids (packed sequences) keep attention inside each segment."""
+        check_tokens("tokens_BL", tokens_BL)
+        _check_like("positions_BL", positions_BL, tokens_BL.shape)
+        _check_like("segment_ids_BL", segment_ids_BL, tokens_BL.shape)
+        x_BLD = self.embed(tokens_BL, positions_BL)
+        x_BLD, stats = self.layers(x_BLD, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
+                                   update_router_bias=update_router_bias)
+        if self.final_norm is not None:
+            x_BLD = self.final_norm(x_BLD)
+        x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
+        return (x_BLD if return_hidden else self.logits(x_BLD)), moe_aux(stats)
+
+    def logits(self, hidden_BLD: jax.Array) -> jax.Array:
+        """Output projection of final hidden states -> float32 logits (used by the chunked loss)."""
+        return self.embed.logits(hidden_BLD)
+
+
+class DecoderLM(_SingleStackLM):
+    """Causal language model (the main model)."""
+
+    causal = True
+
+
+class EncoderLM(_SingleStackLM):
+    """Bidirectional encoder with a token-prediction head (every position sees the whole sequence)."""
+
+    causal = False
+
+
+class EncoderDecoderLM(nnx.Module):
+    """Encoder (cfg.encoder_layers, bidirectional) + causal decoder (cfg.num_layers) whose blocks
+    cross-attend to the encoder output; one token embedding shared by both and the output."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        pre = cfg.norm_position == "pre"
+        self.embed = Embed(cfg, rngs=rngs)
+        self.encoder = LayerStack(cfg, num_layers=cfg.encoder_layers, causal=False, rngs=rngs)
+        self.encoder_norm = make_norm(cfg) if pre else None
+        self.decoder = LayerStack(cfg, num_layers=cfg.num_layers, causal=True, cross=True, rngs=rngs)
+        self.decoder_norm = make_norm(cfg) if pre else None
+
+    def encode(self, src_BS: jax.Array, *, src_segment_ids_BS: jax.Array | None = None,
+               update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+        check_tokens("src_BS", src_BS)
+        _check_like("src_segment_ids_BS", src_segment_ids_BS, src_BS.shape)
+        x_BSD, stats = self.encoder(self.embed(src_BS), segment_ids_BL=src_segment_ids_BS,
+                                    update_router_bias=update_router_bias)
+        if self.encoder_norm is not None:
+            x_BSD = self.encoder_norm(x_BSD)
+        return x_BSD, stats
+
+    def __call__(self, src_BS: jax.Array, tgt_BT: jax.Array, *, src_segment_ids_BS: jax.Array | None = None,
+                 tgt_segment_ids_BT: jax.Array | None = None, return_hidden: bool = False,
+                 update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+        """(logits_BTV float32 for the target tokens, aux). Decoder MoE stats are "moe/...",
+        encoder ones "moe/encoder/..."."""
+        check_tokens("tgt_BT", tgt_BT)
+        _check_like("tgt_segment_ids_BT", tgt_segment_ids_BT, tgt_BT.shape)
+        if src_BS.shape[0] != tgt_BT.shape[0]:
+            raise ValueError(f"src_BS batch {src_BS.shape[0]} differs from tgt_BT batch {tgt_BT.shape[0]}")
+        context_BSD, enc_stats = self.encode(src_BS, src_segment_ids_BS=src_segment_ids_BS,
+                                             update_router_bias=update_router_bias)
+        x_BTD, dec_stats = self.decoder(self.embed(tgt_BT), segment_ids_BL=tgt_segment_ids_BT,
+                                        context_BSD=context_BSD, context_segment_ids_BS=src_segment_ids_BS,
+                                        update_router_bias=update_router_bias)
+        if self.decoder_norm is not None:
+            x_BTD = self.decoder_norm(x_BTD)
+        aux = moe_aux(dec_stats)
+        enc_aux = moe_aux(enc_stats, prefix="moe/encoder/")
+        aux["aux_loss"] = aux["aux_loss"] + enc_aux.pop("aux_loss")
+        aux.update(enc_aux)
+        return (x_BTD if return_hidden else self.logits(x_BTD)), aux
+
+    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+        return self.embed.logits(hidden_BTD)
+
+
+_MODELS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
+
+
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """DecoderLM, EncoderLM or EncoderDecoderLM for cfg.architecture (validates cfg first)."""
+    if cfg.architecture not in _MODELS:
+        raise ConfigError(f"model.architecture={cfg.architecture!r} is not valid; "
+                          f"choose one of {', '.join(map(repr, ARCHITECTURES))}")
+    return _MODELS[cfg.architecture](cfg, rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (nnx.Param elements; the MoE RouterBias is not counted)."""
+    return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool) -> int:
+    D, H, G, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    attention = 2 * D * H * Dh + 2 * D * G * Dh
+    matrices = 3 if cfg.activation == "swiglu" else 2
+    if moe:
+        F = cfg.moe.d_ff_expert or cfg.ffn_dim
+        ffn = D * cfg.moe.num_experts + (cfg.moe.top_k + cfg.moe.num_shared_experts) * matrices * D * F
+    else:
+        ffn = matrices * D * cfg.ffn_dim
+    return attention * (2 if cross else 1) + ffn
+
+
+def _stack_matmul_params(cfg: ModelConfig, num_layers: int, *, cross: bool) -> int:
+    k = cfg.moe.every_k_layers
+    return sum(_layer_matmul_params(cfg, moe=cfg.moe.num_experts > 0 and (i + 1) % k == 0, cross=cross)
+               for i in range(num_layers))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per (target) token, PaLM style: 6 * N + 12 * layers * H * Dh * T.
+
+    N counts the matmul weights one token passes through (MoE: router + top_k routed + shared
+    experts; plus the output projection, not the embedding lookup). T is seq_len, or the sliding
+    window when smaller (not halved for causal masks). Encoder-decoder counts the encoder over a
+    source of seq_len tokens and the decoder's cross-attention over it.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    context = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
+    per_layer_attention = 12 * cfg.num_heads * cfg.dim_per_head
+    if cfg.architecture == "encoder_decoder":
+        n = (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False)
+             + _stack_matmul_params(cfg, cfg.num_layers, cross=True))
+        attention = per_layer_attention * (cfg.encoder_layers * context + cfg.num_layers * (context + seq_len))
+    else:
+        n = _stack_matmul_params(cfg, cfg.num_layers, cross=False)
+        attention = per_layer_attention * cfg.num_layers * context
+    n += cfg.d_model * cfg.vocab_size
+    return float(6 * n + attention)
