@@ -309,3 +309,20 @@ def test_preemption_guard_second_sigint_interrupts():
             assert guard.requested and guard.signal == signal.SIGINT
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_restore_params_accepts_relative_paths(tmp_path, monkeypatch):
+    """A run dir given relative to the working directory restores like an absolute one."""
+    import jax.numpy as jnp
+
+    from transformer.checkpoint import Checkpointer, restore_params
+    from transformer.config import CheckpointConfig, Config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config(run_dir="relative_run")
+    state = {"model": {"w": jnp.arange(6.0).reshape(2, 3)}}
+    with Checkpointer("relative_run", CheckpointConfig(async_save=False), config=cfg) as ckpt:
+        assert ckpt.maybe_save(1, state, force=True)
+    abstract = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}
+    restored = restore_params("relative_run", abstract)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0).reshape(2, 3))

@@ -179,7 +179,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, *, config: Config):
         cfg.validate()
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).absolute()
         self.directory = self.run_dir / CHECKPOINTS
         self.cfg = cfg
         self.config = config
@@ -353,7 +353,7 @@ class Checkpointer:
 
 
 def _resolve_step_dir(path: str) -> Path:
-    root = Path(path)
+    root = Path(path).absolute()
     if not path or not root.exists():
         raise ConfigError(f"checkpoint.init_from={path!r} does not exist; give a run directory "
                           f"(with {CHECKPOINTS}/) or a checkpoint step directory (with state/)")
