@@ -234,13 +234,15 @@ def process_batch_shard(mesh: Mesh, process_index: int | None = None) -> tuple[i
     return spans[process_index]
 
 
-def host_local_batch_to_global(batch_np: dict, mesh: Mesh) -> dict:
+def host_local_batch_to_global(batch_np: dict, mesh: Mesh,
+                               logical_axes: Sequence[str | None] | None = None) -> dict:
     """Global jax.Arrays (rows over the batch axes) from this process's rows of the batch.
 
     `batch_np` holds only the rows named by `process_batch_shard(mesh)`; each process passes
-    its own rows and no process ever materialises the whole batch.
+    its own rows and no process ever materialises the whole batch. With `logical_axes` (e.g.
+    ("batch", "length")) each entry is laid out by the logical axis rules instead.
     """
-    sharding = batch_sharding(mesh)
+    rows_only = batch_sharding(mesh)
     _, count = process_batch_shard(mesh)
     out = {}
     for name, local in batch_np.items():
@@ -248,5 +250,6 @@ def host_local_batch_to_global(batch_np: dict, mesh: Mesh) -> dict:
         if local.ndim == 0:
             raise ValueError(f"batch entry {name!r} is a scalar; batch entries need a leading batch dimension")
         global_shape = (local.shape[0] * count, *local.shape[1:])
-        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        target = rows_only if logical_axes is None else named_sharding(logical_axes, mesh, global_shape)
+        out[name] = jax.make_array_from_process_local_data(target, local, global_shape)
     return out

@@ -260,16 +260,9 @@ def place_batch(batch_np: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Global arrays sharded ("batch", "length") from this process's rows; with a sequence axis > 1
     the length axis is first put into zigzag order (the loss does not depend on token order)."""
     ring = mesh.shape["sequence"]
-    _, count = sharding.process_batch_shard(mesh)
-    out = {}
-    for key, local in batch_np.items():
-        local = np.asarray(local)
-        if ring > 1:
-            local = to_zigzag(local, ring, axis=1)
-        global_shape = (local.shape[0] * count, *local.shape[1:])
-        target = sharding.named_sharding(("batch", "length"), mesh, global_shape)
-        out[key] = jax.make_array_from_process_local_data(target, local, global_shape)
-    return out
+    if ring > 1:
+        batch_np = {key: to_zigzag(np.asarray(local), ring, axis=1) for key, local in batch_np.items()}
+    return sharding.host_local_batch_to_global(batch_np, mesh, logical_axes=("batch", "length"))
 
 
 def local_batch(data: Dataset, step: int, mesh, *, held_out: bool = False) -> dict[str, np.ndarray]:
