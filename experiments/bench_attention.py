@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu-devices", type=int, help="fake CPU devices (sets XLA_FLAGS before jax starts)")
     parser.add_argument("--max-seconds", type=float, help="stop a method at longer lengths after a run this slow")
     parser.add_argument("--max-xla-gib", type=float, help="skip xla when its score matrices would exceed this")
-    parser.add_argument("--results-dir", default=None, help="default: results/bench_attention/<preset>")
+    parser.add_argument("--results-dir", default=None, help="default: experiments/results/bench_attention/<preset>")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if args.heads % args.kv_heads:
         parser.error(f"--heads={args.heads} must be a multiple of --kv-heads={args.kv_heads}")
-    args.results_dir = Path(args.results_dir or f"results/bench_attention/{args.preset}")
+    args.results_dir = Path(args.results_dir or f"experiments/results/bench_attention/{args.preset}")
     return args
 
 
