@@ -5,12 +5,14 @@
 
 Methods: ring (ours, zigzag; ring size 1 and across all local devices), ring_contiguous (ours, no
 zigzag), cudnn and xla (jax.nn.dot_product_attention), blockwise (transformer.ops.attention), and
-the `ringattention` PyPI package's pure-JAX ring when it is importable. Also tabulates the
+the `ringattention` PyPI package's (LWM) pure-JAX ring when it is installed (`pip install -e ".[bench]"`;
+on a machine without network, unzip its wheel into a folder put on PYTHONPATH). Also tabulates the
 per-device work of the causal ring schedule, zigzag vs contiguous (`ring_attention.ring_work`).
 
 FLOPs: forward 4*B*H*L^2*D (halved for causal), backward 2.5x forward (FlashAttention-2
 convention), so fwd+bwd = 3.5x forward; ring TFLOP/s are summed over the ring's devices.
 Memory is the compiled peak per device (XLA memory analysis: arguments + outputs + temporaries).
+rel_err: forward output vs the float32 reference attention on the same inputs (lengths <= --check-max-len).
 Writes bench.csv / bench.md / work_balance.csv / work_balance.md under --results-dir.
 """
 
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu-devices", type=int, help="fake CPU devices (sets XLA_FLAGS before jax starts)")
     parser.add_argument("--max-seconds", type=float, help="stop a method at longer lengths after a run this slow")
     parser.add_argument("--max-xla-gib", type=float, help="skip xla when its score matrices would exceed this")
+    parser.add_argument("--check-max-len", type=int, default=4096,
+                        help="compare forward outputs with the float32 reference up to this length")
     parser.add_argument("--results-dir", default=None, help="default: experiments/results/bench_attention/<preset>")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -82,6 +86,7 @@ class Row:
     ms: float = float("nan")
     tflops: float = float("nan")
     peak_mib: float = float("nan")
+    rel_err: float = float("nan")
 
 
 def attention_flops(args, seq_len: int, pass_: str) -> float:
@@ -150,6 +155,19 @@ def _bench_one(args, ra, row: Row) -> None:
     row.ms = 1e3 * statistics.median(times)
     row.tflops = attention_flops(args, row.seq_len, row.pass_) / (row.ms / 1e3) / 1e12
     row.peak_mib = _peak_bytes(compiled) / 2 ** 20
+    if row.pass_ == "fwd" and row.seq_len <= args.check_max_len:
+        row.rel_err = _relative_error(args, compiled(*inputs), inputs)
+
+
+def _relative_error(args, out_BQHD, inputs) -> float:
+    """max |out - reference| / max |reference|, the reference computed in float32 on the same inputs."""
+    import numpy as np
+
+    from transformer.ops.attention import attention
+
+    q, k, v = (np.asarray(x, np.float32) for x in inputs[:3])
+    expected = np.asarray(attention(q, k, v, causal=not args.non_causal, implementation="reference"))
+    return float(np.max(np.abs(np.asarray(out_BQHD, np.float32) - expected)) / np.max(np.abs(expected)))
 
 
 def _peak_bytes(compiled) -> float:
@@ -196,7 +214,7 @@ def build(args, ra, row: Row):
             return None, None, f"scores need ~{score_gib:.0f} GiB > --max-xla-gib={args.max_xla_gib:g}"
         attend = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=row.method)
     else:
-        attend = _ringattention_package(args, mesh, specs)
+        attend = _ringattention_package(args, mesh, specs, L)
         if isinstance(attend, str):
             return None, None, attend
 
@@ -219,27 +237,33 @@ def build(args, ra, row: Row):
     return (forward if row.pass_ == "fwd" else forward_backward), inputs, None
 
 
-def _ringattention_package(args, mesh, specs):
-    """The `ringattention` package's pure-JAX ring (MHA: kv heads repeated), or why it is skipped."""
-    try:
-        import ringattention
-    except ImportError:
-        return "the ringattention package is not installed"
+def _ringattention_package(args, mesh, specs, seq_len):
+    """The `ringattention` package's (LWM) pure-JAX ring, or why it is skipped. MHA only, so kv heads are
+    repeated. Its module is loaded from its file: the package __init__ calls jax.lib.xla_bridge, which
+    current jax no longer has."""
+    import importlib.metadata
+    import importlib.util
+
     import jax
     import jax.numpy as jnp
 
-    ring_fn = getattr(ringattention, "ring_attention_base", None)
-    if ring_fn is None:
-        return "ringattention.ring_attention_base not found in this version of the package"
+    try:
+        path = importlib.metadata.distribution("ringattention").locate_file("ringattention/ringattention_jax.py")
+    except importlib.metadata.PackageNotFoundError:
+        return "the ringattention package is not installed (pip install ringattention==0.1.2 --no-deps)"
+    spec = importlib.util.spec_from_file_location("ringattention_jax", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     repeat = args.heads // args.kv_heads
-    blockwise_kwargs = dict(causal_block_size=None if args.non_causal else 1, query_chunk_size=args.block_size,
-                            key_chunk_size=args.block_size, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
+    chunk = min(args.block_size, seq_len // mesh.shape["sequence"])
+    blockwise_kwargs = dict(causal_block_size=None if args.non_causal else 1, query_chunk_size=chunk,
+                            key_chunk_size=chunk, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
                             dtype=jnp.dtype(args.dtype), policy=jax.checkpoint_policies.nothing_saveable,
                             precision=None, prevent_cse=True)
 
     def local(q, k, v):
         k, v = (jnp.repeat(x, repeat, axis=2) for x in (k, v))
-        return ring_fn(q, k, v, None, None, None, "sequence", True, blockwise_kwargs)
+        return module.ring_attention(q, k, v, None, None, None, "sequence", True, blockwise_kwargs)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs[0], specs[1], specs[1]), out_specs=specs[0],
                          check_vma=False)
@@ -274,7 +298,8 @@ def _format_row(row: Row) -> str:
     if row.status != "ok":
         return f"{row.method:>16} x{row.devices:<2} L={row.seq_len:>8} {row.pass_:>8}  {row.status}"
     return (f"{row.method:>16} x{row.devices:<2} L={row.seq_len:>8} {row.pass_:>8}  {row.ms:10.2f} ms "
-            f"{row.tflops:8.3f} TFLOP/s {row.peak_mib:9.1f} MiB")
+            f"{row.tflops:8.3f} TFLOP/s {row.peak_mib:9.1f} MiB"
+            + (f"  rel err {row.rel_err:.1e}" if row.rel_err == row.rel_err else ""))
 
 
 def _table(header, rows) -> str:
@@ -286,7 +311,9 @@ def _table(header, rows) -> str:
 
 
 def _cell(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.1e}" if 0 < abs(value) < 1e-2 else f"{value:.3f}"
 
 
 def _markdown(header, rows) -> str:
@@ -297,8 +324,9 @@ def _markdown(header, rows) -> str:
 
 def write_results(args, rows: list[Row], balance: list[dict]) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    header = ["method", "devices", "seq_len", "pass", "ms", "TFLOP/s", "peak_MiB", "status"]
-    table = [[r.method, r.devices, r.seq_len, r.pass_, r.ms, r.tflops, r.peak_mib, r.status] for r in rows]
+    header = ["method", "devices", "seq_len", "pass", "ms", "TFLOP/s", "peak_MiB", "rel_err", "status"]
+    table = [[r.method, r.devices, r.seq_len, r.pass_, r.ms, r.tflops, r.peak_mib, r.rel_err, r.status]
+             for r in rows]
     with open(args.results_dir / "bench.csv", "w", newline="") as f:
         csv.writer(f).writerows([header] + table)
     settings = (f"preset {args.preset}: B={args.batch} H={args.heads} G={args.kv_heads} D={args.head_dim} "
