@@ -5,7 +5,7 @@
 #   launch/local.sh --fake-devices 8 --preset tiny mesh.fsdp=8   # 8 fake CPU devices, to try a mesh without hardware
 #
 # Every argument after the launcher's own options goes to `python -m transformer.train`
-# ([--preset NAME] [key.sub=value ...]). PYTHON overrides the interpreter (default: .venv/bin/python).
+# ([--preset NAME | --config FILE.py] [key.sub=value ...]). PYTHON overrides the interpreter (default: .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -4,6 +4,7 @@ Every run is described by one `Config`. Build it from a preset and command-line
 overrides:
 
     cfg = config_from_args(["--preset", "tiny", "model.d_model=128", "optim.lr=1e-3"])
+    cfg = config_from_args(["--config", "experiments/configs/moe_kjv.py", "steps=100"])
 
 `validate()` raises `ConfigError` with one line naming the bad field and what
 would be valid; nothing is compiled before the config is valid.
@@ -468,20 +469,43 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
+def load_config_file(path: str) -> Config:
+    """The Config returned by `get_config()` in the Python file `path` (an experiment config, e.g.
+    experiments/configs/moe_kjv.py; its docstring states the command that runs it)."""
+    import importlib.util
+    from pathlib import Path
+
+    file = Path(path)
+    _check(file.is_file() and file.suffix == ".py", f"--config {path!r}: no such Python file")
+    spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    _check(callable(get_config), f"--config {path!r} defines no get_config() function")
+    cfg = get_config()
+    _check(isinstance(cfg, Config), f"--config {path!r}: get_config() returned {type(cfg).__name__}, not a Config")
+    return cfg
+
+
 def config_from_args(argv: list[str], default_preset: str = "tiny") -> Config:
-    """`[--preset NAME] [key.sub=value ...]` -> validated Config."""
-    preset = default_preset
+    """`[--preset NAME | --config FILE.py] [key.sub=value ...]` -> validated Config."""
+    base = None
     overrides = []
     args = list(argv)
     while args:
         arg = args.pop(0)
-        if arg == "--preset":
-            _check(bool(args), "--preset needs a name")
-            preset = args.pop(0)
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
+        name, has_value, value = arg.partition("=")
+        if name in ("--preset", "--config"):
+            if not has_value:
+                _check(bool(args), f"{name} needs a value")
+                value = args.pop(0)
+            _check(base is None, f"{name} {value!r}: give one --preset or --config, not several")
+            base = (name, value)
         elif arg.startswith("--"):
-            raise ConfigError(f"unknown option {arg!r}; use --preset NAME and key.sub=value overrides")
+            raise ConfigError(f"unknown option {arg!r}; use --preset NAME or --config FILE.py, "
+                              "then key.sub=value overrides")
         else:
             overrides.append(arg)
-    return apply_overrides(get_preset(preset), overrides).validate()
+    kind, value = base or ("--preset", default_preset)
+    cfg = get_preset(value) if kind == "--preset" else load_config_file(value)
+    return apply_overrides(cfg, overrides).validate()

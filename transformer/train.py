@@ -1,6 +1,6 @@
 """Training: sharded state, a pure jitted step, and the loop around it.
 
-    python -m transformer.train [--preset NAME] [a.b=value ...]      # default preset: tiny
+    python -m transformer.train [--preset NAME | --config FILE.py] [a.b=value ...]   # default preset: tiny
 
 One run lives in cfg.run_dir: config.json, checkpoints/, metrics.jsonl, tensorboard/.
 A run resumes from its newest good checkpoint, else starts from checkpoint.init_from
