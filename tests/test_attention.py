@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.ops.attention import IMPLEMENTATIONS, allowed_mask, attention
+from transformer.ops.attention import (IMPLEMENTATIONS, allowed_mask, attention, choose_implementation,
+                                       cudnn_layout_ok)
 from transformer.ops.positions import alibi_slopes
 
 BLOCK = 8  # lengths below are not multiples of it, so padding and several blocks are always exercised
@@ -239,6 +240,120 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
     q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
     with pytest.raises(ValueError, match=match):
         attention(q, k, k, **kwargs)
+
+
+def _layer_choice(batch, *, dtype=jnp.bfloat16, head_dim=64, platform="gpu", sliding_window=0, alibi=False):
+    """What "auto" picks for the self-attention layer's kernel arguments on this data batch (the layer
+    passes the batch's positions and segment ids for both q and kv)."""
+    pos, seg = batch["positions_BL"], batch["segment_ids_BL"]
+    q = jax.ShapeDtypeStruct((*pos.shape, 4, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((*pos.shape, 2, head_dim), dtype)
+    return choose_implementation("auto", q, k, k, causal=True, sliding_window=sliding_window,
+                                 alibi_slopes_H=alibi_slopes(4) if alibi else None, platform=platform,
+                                 layout_ok=cudnn_layout_ok(pos, pos, seg, seg))
+
+
+def test_auto_picks_cudnn_on_gpu_for_unpacked_training_batches():
+    from transformer.config import DataConfig
+    from transformer.data import make_dataset
+
+    text = make_dataset(DataConfig(dataset="kjv", seq_len=64, global_batch_size=2)).batch(0)
+    assert _layer_choice(text) == "cudnn"
+    assert _layer_choice(text, sliding_window=16) == "cudnn"
+    assert _layer_choice(text, platform="cpu") == "blockwise"
+    assert _layer_choice(text, dtype=jnp.float32) == "blockwise"
+    assert _layer_choice(text, head_dim=12) == "blockwise"
+    assert _layer_choice(text, alibi=True) == "blockwise"
+    shifted = dict(text, positions_BL=text["positions_BL"] + np.array([[0], [9]], np.int32))
+    assert _layer_choice(shifted) == "cudnn"
+    padded = make_dataset(DataConfig(dataset="copy", seq_len=128, global_batch_size=2)).batch(0)
+    assert padded["segment_ids_BL"].min() == 0 and _layer_choice(padded) == "blockwise"
+    packed = dict(text, segment_ids_BL=_segments(2, 64))
+    assert _layer_choice(packed) == "blockwise"
+    zigzag = dict(text, positions_BL=text["positions_BL"][:, np.r_[0:16, 48:64, 16:48]])
+    assert _layer_choice(zigzag) == "blockwise"
+
+
+def test_cudnn_layout_ok_traced_and_explicit_cudnn_needs_known_layout():
+    pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+    ones = np.ones((2, 8), np.int32)
+    check = jax.jit(cudnn_layout_ok)
+    assert bool(check(pos, pos, ones, ones)) and bool(check(pos + 3, pos + 3, 2 * ones, 2 * ones))
+    assert bool(check(pos, None, None, None)) and bool(check(None, pos, None, None))
+    assert not bool(check(pos + 1, None, None, None))
+    assert not bool(check(pos, pos + 1, ones, ones))
+    assert not bool(check(pos[:, ::-1], pos[:, ::-1], None, None))
+    assert not bool(check(pos, pos, ones, 2 * ones))
+    assert cudnn_layout_ok() is True
+    q = jax.ShapeDtypeStruct((2, 8, 2, 16), jnp.bfloat16)
+    seen = []
+
+    @jax.jit
+    def traced(pos):
+        for platform in ("gpu", "cpu"):
+            seen.append(choose_implementation("auto", q, q, q, platform=platform, layout_ok=cudnn_layout_ok(pos, pos)))
+        return pos
+
+    traced(pos)
+    assert seen == ["cudnn", "blockwise"]  # on GPU the traced layout is checked at run time
+    with pytest.raises(ValueError, match="cudnn' is unavailable: it masks by token index"):
+        choose_implementation("cudnn", q, q, q, platform="gpu", layout_ok=cudnn_layout_ok(pos, pos, ones, 2 * ones))
+    assert choose_implementation("cudnn", q, q, q, platform="gpu", layout_ok=cudnn_layout_ok(pos, pos)) == "cudnn"
+
+
+def test_blockwise_inside_shard_map_with_vma_checks():
+    """The blockwise kernel's loop carries take the inputs' varying-mesh-axes type, so it runs (fwd + bwd)
+    under shard_map(check_vma=True) and equals the unsharded kernel."""
+    from jax.sharding import PartitionSpec as P
+
+    from transformer import sharding
+    from transformer.config import MeshConfig
+
+    q, k, v = map(jnp.asarray, random_qkv(11, B=4, Q=16, K=16))
+    seg = jnp.asarray(_segments(4, 16))
+    mesh = sharding.make_mesh(MeshConfig(data=4), jax.devices()[:4])
+
+    def loss(q, k, v, seg):
+        out = attention(q, k, v, q_segment_ids_BQ=seg, kv_segment_ids_BK=seg, sliding_window=6,
+                        implementation="blockwise", block_size=BLOCK)
+        return jnp.sum(out * jnp.cos(out))
+
+    def local(q, k, v, seg):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, seg)
+        return jax.lax.psum(value, "data"), grads
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=(P(), (P("data"),) * 3),
+                            check_vma=True)
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, seg)
+    got_value, got_grads = jax.jit(sharded)(q, k, v, seg)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for got, want in zip(got_grads, want_grads):
+        assert float(jnp.abs(want).max()) > 1e-3
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_memory_stays_linear_inside_a_differentiated_layer_scan():
+    """Positions and segment ids are loop constants of the model's layer scan; jax must not hoist the mask
+    tiles computed from them out of the differentiated scan (that stores every tile: quadratic memory)."""
+
+    def temp_mib(n):
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (1, n))
+        seg = jnp.ones((1, n), jnp.int32)
+
+        def loss(w_NDD, x_BLD):
+            def layer(x_BLD, w_DD):
+                q = (x_BLD @ w_DD).reshape(1, n, 4, 16)
+                out = attention(q, q[:, :, :2], q[:, :, 2:], q_positions_BQ=pos, kv_positions_BK=pos,
+                                q_segment_ids_BQ=seg, kv_segment_ids_BK=seg, implementation="blockwise",
+                                block_size=256)
+                return x_BLD + out.reshape(1, n, 64), None
+            return jnp.sum(jax.lax.scan(layer, x_BLD, w_NDD)[0] ** 2)
+
+        args = jax.ShapeDtypeStruct((2, 64, 64), jnp.float32), jax.ShapeDtypeStruct((1, n, 64), jnp.float32)
+        return jit(jax.grad(loss)).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+    small, large = temp_mib(2048), temp_mib(4096)
+    assert large < 2.5 * small and large < 64, (small, large)  # hoisted tiles: 4x and 16 x 16 x 1 MiB
 
 
 def test_implementations_listed():

@@ -218,3 +218,17 @@ def test_ring_work_sliding_window_counts_window_pairs():
     diff = np.arange(L)[:, None] - np.arange(L)[None]
     assert work["pairs_unmasked"].sum() == ((diff >= 0) & (diff < window)).sum()
     assert work["blocks"].max() <= 5
+
+
+@pytest.mark.parametrize("kernel", ["blockwise", "reference"])
+def test_ring_is_mapped_with_vma_checks(kernel):
+    """shard_map's varying-axes type check stays on (the block kernels' loop carries are vma-typed), in the
+    forward and the custom_vjp backward."""
+    mesh = ra.ring_mesh(4)
+    q = jnp.ones((1, 16, 2, 8))
+
+    def loss(q):
+        return jnp.sum(ra.ring_attention_sharded(q, q, q, mesh, block_kernel=kernel, block_size=2) ** 2)
+
+    jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss))(q))
+    assert "check_vma=True" in jaxpr and "check_vma=False" not in jaxpr

@@ -102,17 +102,34 @@ def _tile_mask(spec, qp_Bq, kp_Bk, qs_Bq, ks_Bk, kvalid_Bk):
     return (ok_B1qk & kvalid_Bk[:, None, None, :])[:, :, None]  # B11qk
 
 
+def full_like_inputs(shape, fill_value, *like, dtype=jnp.float32):
+    """`jnp.full(shape, fill_value, dtype)` typed to vary over every mesh axis any array in `like` varies
+    over (inside `shard_map(check_vma=True)`; a plain constant outside). Loop carries built this way match
+    the values the loop body computes from those arrays."""
+    out = jnp.full(shape, fill_value, dtype)
+    for x in like:
+        if x is not None:
+            out = out + jnp.zeros_like(x, dtype=dtype, shape=())
+    return out
+
+
 def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
 def _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H):
+    # Tie the mask inputs to q: inside a differentiated lax.scan (the model's layer scan) jax hoists work that
+    # depends only on loop constants (positions, segment ids) out of the loop, which would store every
+    # (q-chunk, kv-block) mask tile: quadratic memory.
+    q_BQHD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H = lax.optimization_barrier(
+        (q_BQHD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H))
     B, Qp, H, D = q_BQHD.shape
     Kp, G = k_BKGD.shape[1], k_BKGD.shape[2]
     R, Dv = H // G, v_BKGD.shape[-1]
     bq, bk = spec.block_q, spec.block_k
     slopes_GR = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(G, R)
     q_BQGRD = q_BQHD.reshape(B, Qp, G, R, D)
+    inputs = (q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H)
 
     def q_chunk(i):
         q_BqGRD = _slice(q_BQGRD, i * bq, bq)
@@ -138,8 +155,8 @@ def _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
 
             return lax.cond(ok_B11qk.any(), update, lambda c: c, carry), None
 
-        init = (jnp.full((B, G, R, bq), -jnp.inf, jnp.float32), jnp.zeros((B, G, R, bq), jnp.float32),
-                jnp.zeros((B, G, R, bq, Dv), jnp.float32))
+        init = (full_like_inputs((B, G, R, bq), -jnp.inf, *inputs), full_like_inputs((B, G, R, bq), 0.0, *inputs),
+                full_like_inputs((B, G, R, bq, Dv), 0.0, *inputs))
         (m_BGRq, l_BGRq, acc_BGRqD), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
         nonempty = l_BGRq > 0
         l_safe = jnp.where(nonempty, l_BGRq, 1.0)
@@ -178,6 +195,7 @@ def _flash_bwd(spec, residuals, cotangents):
     lse_BGRQ = lse_BHQ.reshape(B, G, R, Qp)
     lse_BGRQ = jnp.where(jnp.isfinite(lse_BGRQ), lse_BGRQ, 0.0)
     dlse_BGRQ = dlse_BHQ.astype(jnp.float32).reshape(B, G, R, Qp)
+    inputs = (*residuals[0], out_BQHD, lse_BHQ, dout_BQHD, dlse_BHQ)
 
     def q_chunk(dkv, i):
         q_BqGRD, dout_BqGRD = _slice(q_BQGRD, i * bq, bq), _slice(dout_BQGRD, i * bq, bq)
@@ -208,11 +226,11 @@ def _flash_bwd(spec, residuals, cotangents):
 
             return lax.cond(ok_B11qk.any(), update, lambda c: c, carry), None
 
-        init = (jnp.zeros((B, bq, G, R, D), jnp.float32), *dkv)
+        init = (full_like_inputs((B, bq, G, R, D), 0.0, *inputs), *dkv)
         (dq_BqGRD, dk_BKGD, dv_BKGD), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
         return (dk_BKGD, dv_BKGD), dq_BqGRD.reshape(B, bq, H, D).astype(q_BQHD.dtype)
 
-    dkv_init = (jnp.zeros((B, Kp, G, D), jnp.float32), jnp.zeros((B, Kp, G, Dv), jnp.float32))
+    dkv_init = (full_like_inputs((B, Kp, G, D), 0.0, *inputs), full_like_inputs((B, Kp, G, Dv), 0.0, *inputs))
     (dk_BKGD, dv_BKGD), dq_nBqHD = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
     dq_BQHD = jnp.moveaxis(dq_nBqHD, 0, 1).reshape(B, Qp, H, D)
     return (dq_BQHD, dk_BKGD.astype(k_BKGD.dtype), dv_BKGD.astype(v_BKGD.dtype), None, None, None, None, None, None)
@@ -246,24 +264,81 @@ def _blockwise(q_BQHD, k_BKGD, v_BKGD, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK,
 # ---------------------------------------------------------------- cudnn
 
 
-def _cudnn_unsupported(q_BQHD, k_BKGD, v_BKGD, *, causal, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-                       sliding_window, alibi_slopes_H) -> str | None:
-    """Why jax.nn.dot_product_attention(implementation='cudnn') cannot run these options, or None."""
-    if jax.default_backend() != "gpu":
-        return f"it needs a GPU, but the default JAX backend is {jax.default_backend()!r}"
+def cudnn_layout_ok(q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
+    """Whether the position / segment mask equals cuDNN's index-based one: positions are arange plus one
+    offset per row (shared by q and kv) and every q and kv token of a row is in the same segment.
+
+    Python True when all are None; otherwise a scalar bool array (traced inside jit, where `attention`
+    branches on it at run time). An unpacked causal LM batch (positions arange, segment ids all equal) is True.
+    """
+    ok = True
+    if q_positions_BQ is not None or kv_positions_BK is not None:
+        q_pos, kv_pos = q_positions_BQ, kv_positions_BK
+        base = q_pos[:, :1] if q_pos is not None and kv_pos is not None else 0  # a missing side is arange
+        for pos in (q_pos, kv_pos):
+            if pos is not None:
+                ok = ok & jnp.all(pos - base == jnp.arange(pos.shape[1], dtype=pos.dtype))
+    if q_segment_ids_BQ is not None:
+        first = q_segment_ids_BQ[:, :1]
+        ok = ok & jnp.all(q_segment_ids_BQ == first) & jnp.all(kv_segment_ids_BK == first)
+    return ok
+
+
+def cudnn_unsupported(q_BQHD, k_BKGD, v_BKGD, *, causal, sliding_window=0, alibi_slopes_H=None,
+                      platform=None) -> str | None:
+    """Why jax.nn.dot_product_attention(implementation='cudnn') cannot run these options, or None.
+    `platform` defaults to jax.default_backend(); positions and segment ids are judged by `cudnn_layout_ok`."""
+    platform = jax.default_backend() if platform is None else platform
+    if platform != "gpu":
+        return f"it needs a GPU, but the JAX platform is {platform!r}"
     if jnp.dtype(q_BQHD.dtype) not in _CUDNN_DTYPES:
         return f"it needs bfloat16 or float16 inputs, got {q_BQHD.dtype}"
     if not q_BQHD.dtype == k_BKGD.dtype == v_BKGD.dtype:
         return f"q, k, v dtypes differ ({q_BQHD.dtype}, {k_BKGD.dtype}, {v_BKGD.dtype})"
     if alibi_slopes_H is not None:
         return "it cannot add ALiBi biases (alibi_slopes_H)"
-    if q_positions_BQ is not None or kv_positions_BK is not None:
-        return "it only supports the default positions (arange); explicit position ids were given"
-    if q_segment_ids_BQ is not None:
-        return "it cannot express segment ids (packed sequences)"
     if sliding_window and not causal:
         return f"it has no bidirectional sliding window (sliding_window={sliding_window}, causal=False)"
     return None
+
+
+def _known(flag) -> bool | None:
+    """A bool flag's value, or None while it is traced (its value is only known at run time)."""
+    try:
+        return bool(flag)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def choose_implementation(implementation, q_BQHD, k_BKGD, v_BKGD, *, causal=True, sliding_window=0,
+                          alibi_slopes_H=None, layout_ok=True, platform=None) -> str:
+    """The kernel `attention` runs: "reference", "blockwise" or "cudnn".
+
+    "auto" picks cudnn when `cudnn_unsupported` finds no problem, the head dim is a multiple of 8 up to 128
+    and `layout_ok` (from `cudnn_layout_ok`) is not False; for a traced `layout_ok` it answers "cudnn" and
+    `attention` falls back to blockwise at run time when the actual layout is not ok. An explicit "cudnn"
+    raises a ValueError naming the problem (it needs a layout known to be ok). `platform` defaults to
+    jax.default_backend().
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
+    if implementation in ("reference", "blockwise"):
+        return implementation
+    problem = cudnn_unsupported(q_BQHD, k_BKGD, v_BKGD, causal=causal, sliding_window=sliding_window,
+                                alibi_slopes_H=alibi_slopes_H, platform=platform)
+    if implementation == "cudnn":
+        if problem is None and _known(layout_ok) is not True:
+            problem = ("it masks by token index, and the given position ids / segment ids are not (known to be) "
+                       "arange in one segment (implementation='auto' checks them at run time)")
+        if problem is not None:
+            raise ValueError(f"implementation='cudnn' is unavailable: {problem}; "
+                             "use implementation='blockwise' or 'reference'")
+        return "cudnn"
+    D = q_BQHD.shape[-1]
+    if problem is not None or D % 8 or D > 128:
+        return "blockwise"
+    return "blockwise" if _known(layout_ok) is False else "cudnn"
 
 
 def _cudnn(q_BQHD, k_BKGD, v_BKGD, *, causal, sliding_window, scale, return_lse):
@@ -326,37 +401,39 @@ def attention(q_BQHD, k_BKGD, v_BKGD, *, causal=True, q_positions_BQ=None, kv_po
     """Scaled dot-product attention; returns out_BQHD, or (out_BQHD, lse_BHQ float32) with return_lse.
 
     Positions default to arange; scale to 1/sqrt(D). Fully masked query rows give out 0 and lse -inf.
-    implementation: "reference" | "blockwise" | "cudnn" | "auto" (cudnn on GPU when the options allow it,
-    else blockwise).
+    implementation: "reference" | "blockwise" | "cudnn" | "auto" (`choose_implementation`: cudnn on GPU when
+    the options allow it, else blockwise; with explicit positions / segment ids, cudnn for rows whose layout
+    `cudnn_layout_ok` accepts, decided at run time, so unpacked training batches use cuDNN).
     """
     _validate(q_BQHD, k_BKGD, v_BKGD, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK,
               sliding_window, alibi_slopes_H, scale, implementation, block_size)
     B, Q, H, D = q_BQHD.shape
     K = k_BKGD.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cudnn_problem = None
+    layout_ok = True
     if implementation in ("cudnn", "auto"):
-        cudnn_problem = _cudnn_unsupported(
-            q_BQHD, k_BKGD, v_BKGD, causal=causal, q_positions_BQ=q_positions_BQ, kv_positions_BK=kv_positions_BK,
-            q_segment_ids_BQ=q_segment_ids_BQ, sliding_window=sliding_window, alibi_slopes_H=alibi_slopes_H)
-        if implementation == "auto" and cudnn_problem is None and (D % 8 or D > 128):
-            cudnn_problem = f"head dim {D} is not a multiple of 8 up to 128"
-    if implementation == "cudnn":
-        if cudnn_problem is not None:
-            raise ValueError(f"implementation='cudnn' is unavailable: {cudnn_problem}; "
-                             "use implementation='blockwise' or 'reference'")
-        out_BQHD, lse_BHQ = _cudnn(q_BQHD, k_BKGD, v_BKGD, causal=causal, sliding_window=sliding_window,
-                                   scale=scale, return_lse=return_lse)
-        return (out_BQHD, lse_BHQ) if return_lse else out_BQHD
-    if implementation == "auto" and cudnn_problem is None:
-        return attention(q_BQHD, k_BKGD, v_BKGD, causal=causal, sliding_window=sliding_window, scale=scale,
-                         implementation="cudnn", return_lse=return_lse)
+        layout_ok = cudnn_layout_ok(q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK)
+    chosen = choose_implementation(implementation, q_BQHD, k_BKGD, v_BKGD, causal=causal,
+                                   sliding_window=sliding_window, alibi_slopes_H=alibi_slopes_H, layout_ok=layout_ok)
+    if chosen == "cudnn":
+        def cudnn(q, k, v):
+            out, lse = _cudnn(q, k, v, causal=causal, sliding_window=sliding_window, scale=scale,
+                              return_lse=return_lse)
+            return (out, lse) if return_lse else out
+
+        if _known(layout_ok):
+            return cudnn(q_BQHD, k_BKGD, v_BKGD)
+        blockwise = functools.partial(
+            attention, causal=causal, q_positions_BQ=q_positions_BQ, kv_positions_BK=kv_positions_BK,
+            q_segment_ids_BQ=q_segment_ids_BQ, kv_segment_ids_BK=kv_segment_ids_BK, sliding_window=sliding_window,
+            scale=scale, implementation="blockwise", block_size=block_size, return_lse=return_lse)
+        return lax.cond(layout_ok, cudnn, blockwise, q_BQHD, k_BKGD, v_BKGD)
 
     q_pos_BQ = jnp.broadcast_to(jnp.arange(Q, dtype=jnp.int32), (B, Q)) if q_positions_BQ is None else q_positions_BQ
     kv_pos_BK = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, K)) if kv_positions_BK is None else kv_positions_BK
     slopes_H = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
     args = (q_BQHD, k_BKGD, v_BKGD, q_pos_BQ, kv_pos_BK, q_segment_ids_BQ, kv_segment_ids_BK, slopes_H)
-    if implementation == "reference":
+    if chosen == "reference":
         out_BQHD, lse_BHQ = _reference(*args, causal=causal, sliding_window=sliding_window, scale=scale)
     else:
         out_BQHD, lse_BHQ = _blockwise(*args, causal=causal, sliding_window=sliding_window, scale=scale,

@@ -182,8 +182,11 @@ class _Options:
     block_size: int
 
 
-def _resolve_kernel(block_kernel: str, dtype, has_segments: bool, has_alibi: bool, window: int,
-                    head_dim: int) -> str:
+def resolve_block_kernel(block_kernel: str, dtype, *, has_alibi: bool = False, window: int = 0,
+                         head_dim: int) -> str:
+    """The ring's block kernel for `block_kernel` ("auto": cudnn on GPU for bf16/f16 without ALiBi or a
+    window, else blockwise); raises a ValueError when an explicit "cudnn" cannot run. Segment ids do not
+    matter here: cuDNN runs the sub-blocks whose q and kv tokens share one segment, blockwise the rest."""
     if block_kernel not in BLOCK_KERNELS:
         raise ValueError(f"block_kernel={block_kernel!r} is not valid; choose one of "
                          f"{', '.join(map(repr, BLOCK_KERNELS))}")
@@ -193,8 +196,6 @@ def _resolve_kernel(block_kernel: str, dtype, has_segments: bool, has_alibi: boo
         problems.append(f"it needs a GPU (backend is {jax.default_backend()!r})")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         problems.append(f"it needs bfloat16/float16 inputs, not {jnp.dtype(dtype).name}")
-    if has_segments:
-        problems.append("it does not take segment ids")
     if has_alibi:
         problems.append("it does not take ALiBi slopes")
     if window:
@@ -219,9 +220,9 @@ def ring_attention(q_BQHD, k_BKGD, v_BKGD, *, axis_name, causal: bool = True, q_
     Call inside `jax.shard_map`. Positions are the *global* positions of the local shard
     (default: the contiguous layout, axis_index * Q + arange(Q)); kv positions default to the
     query positions. `segment_ids_BQ` are the local shard's ids; the kv copy travels the ring.
-    ALiBi slopes are constants (no gradient). Returns out_BQHD in q's dtype.
-    Under `shard_map(check_vma=True)` the block kernel must be vma-typed; `ring_attention_sharded`
-    maps with check_vma=False because transformer.ops.attention's blockwise loop carries are not.
+    ALiBi slopes are constants (no gradient). Returns out_BQHD in q's dtype. Works under
+    `shard_map(check_vma=True)` (the default, used by `ring_attention_sharded`): every loop carry
+    here and in the block kernels is built to vary over the same mesh axes as the inputs.
     """
     q, k, v = q_BQHD, k_BKGD, v_BKGD
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -242,8 +243,8 @@ def ring_attention(q_BQHD, k_BKGD, v_BKGD, *, axis_name, causal: bool = True, q_
                          f"and needs equal q and kv lengths (got {Q} and {K})")
     if alibi_slopes_H is not None and alibi_slopes_H.shape != (H,):
         raise ValueError(f"alibi_slopes_H shape {alibi_slopes_H.shape} must be (H,) = ({H},)")
-    kernel = _resolve_kernel(block_kernel, q.dtype, segment_ids_BQ is not None, alibi_slopes_H is not None,
-                             int(sliding_window), D)
+    kernel = resolve_block_kernel(block_kernel, q.dtype, has_alibi=alibi_slopes_H is not None,
+                                  window=int(sliding_window), head_dim=D)
     if q_positions_BQ is None:
         q_positions_BQ = _contiguous_positions(axis_name, B, Q)
     if kv_positions_BK is None:
@@ -341,7 +342,12 @@ def ring_attention_sharded(q, k, v, mesh: Mesh, *, causal: bool = True, q_positi
                               kv_positions_BK=kpos_, sliding_window=sliding_window, scale=scale,
                               block_kernel=block_kernel, block_size=block_size, **dict(zip(optional, rest)))
 
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)
+    kernel = resolve_block_kernel(block_kernel, q.dtype, has_alibi=alibi_slopes_H is not None,
+                                  window=int(sliding_window), head_dim=D)
+    # Older jax releases' cuDNN attention primitive drops the varying-mesh-axes type of its outputs
+    # (jax-ml/jax#36008), so only that block kernel is mapped without the vma type check.
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec,
+                           check_vma=kernel != "cudnn")
     return mapped(*args)
 
 
@@ -360,11 +366,7 @@ def _global_positions(positions, batch: int, length: int, name: str):
 
 def _zeros(shape, *like):
     """float32 zeros of `shape` that vary over the same mesh axes as every array in `like`."""
-    out = jnp.zeros(shape, _F32)
-    for x in like:
-        if x is not None:
-            out = out + jnp.zeros_like(x, dtype=_F32, shape=())
-    return out
+    return attention_ops.full_like_inputs(shape, 0.0, *like)
 
 
 def _rotate(tree, axis_name, size: int):
@@ -439,25 +441,29 @@ def _sub_forward(opts, q, k, v, qpos, kpos, qseg, kseg, slopes):
 
     maskable = opts.causal or opts.sliding_window or qseg is not None
     if opts.kernel == "cudnn":
-        return _cudnn_forward(opts, q, k, v, qpos, kpos, empty, generic)
+        return _cudnn_forward(opts, q, k, v, qpos, kpos, qseg, kseg, empty, generic)
     if not maskable:
         return generic(None)
     return lax.cond(_may_attend(qpos, kpos, qseg, kseg, opts.causal, opts.sliding_window), generic, empty, None)
 
 
-def _cudnn_forward(opts, q, k, v, qpos, kpos, empty, generic):
-    """cuDNN flash attention on sub-blocks that are unmasked or aligned-causal; others via `generic`."""
+def _cudnn_forward(opts, q, k, v, qpos, kpos, qseg, kseg, empty, generic):
+    """cuDNN flash attention on sub-blocks whose q and kv tokens share one segment per row and that are
+    unmasked or aligned-causal; others via `generic`."""
     def cudnn(is_causal):
         return lambda _: _cudnn_attention(q, k, v, opts.scale, is_causal)
 
-    if not opts.causal:
+    if not opts.causal and qseg is None:
         return cudnn(False)(None)
-    unmasked = (kpos.max(axis=-1) <= qpos.min(axis=-1)).all()
+    one_segment = jnp.asarray(True)
+    if qseg is not None:
+        one_segment = (qseg == qseg[:, :1]).all() & (kseg == qseg[:, :1]).all()
+    unmasked = (kpos.max(axis=-1) <= qpos.min(axis=-1)).all() if opts.causal else jnp.asarray(True)
     aligned = jnp.asarray(False)
-    if q.shape[1] == k.shape[1]:
+    if opts.causal and q.shape[1] == k.shape[1]:
         aligned = (qpos == kpos).all() & (jnp.diff(qpos, axis=-1) > 0).all()
-    may = _may_attend(qpos, kpos, None, None, True, 0)
-    branch = jnp.where(~may, 0, jnp.where(unmasked, 1, jnp.where(aligned, 2, 3)))
+    may = _may_attend(qpos, kpos, qseg, kseg, opts.causal, 0)
+    branch = jnp.where(~may, 0, jnp.where(one_segment & unmasked, 1, jnp.where(one_segment & aligned, 2, 3)))
     return lax.switch(branch, [empty, cudnn(False), cudnn(True), generic], None)
 
 
