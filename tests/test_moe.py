@@ -115,7 +115,7 @@ def np_layer(p, x, cfg: ModelConfig, dropless=False):
         probs = np_softmax(logits)
         coef = np_expert_choice(probs, capacity)
         assigned = (coef > 0).astype(float)
-        dropped = np.mean(assigned.sum(-1) == 0)
+        dropped = dropped_tokens = np.mean(assigned.sum(-1) == 0)
         top1 = probs.argmax(-1)
     else:
         probs, idx, gate = np_route(logits, m.router, K, p["router_bias"])
@@ -124,6 +124,7 @@ def np_layer(p, x, cfg: ModelConfig, dropless=False):
         coef = np.einsum("blk,blke->ble", gate * keep, onehot)
         assigned = onehot.sum(2)
         dropped = 1 - keep.mean()
+        dropped_tokens = np.mean(~keep.any(-1))
         top1 = idx[..., 0]
     expert_out = np.stack([np_ffn(x, p["w_up"][e], None if p["w_gate"] is None else p["w_gate"][e],
                                   p["w_down"][e], cfg.activation) for e in range(E)], axis=2)
@@ -140,6 +141,7 @@ def np_layer(p, x, cfg: ModelConfig, dropless=False):
         "seq_balance_loss": seq,
         "expert_load_E": load,
         "dropped_fraction": dropped,
+        "dropped_token_fraction": dropped_tokens,
         "router_entropy": np.mean(-np.sum(probs * np.log(probs), -1)),
         "load_cv": load.std() * E,
         "load_max_over_mean": load.max() * E,

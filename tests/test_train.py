@@ -367,3 +367,30 @@ def test_writer_drops_records_past_the_resume_step(tmp_path):
     with metrics.MetricsWriter(str(tmp_path), start_step=2) as writer:
         writer.write(3, {"loss": 30.0})
     assert [(r["step"], r["loss"]) for r in metrics.read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_held_out_eval_reports_loss_and_routing_statistics_of_the_eval_batches(tmp_path):
+    cfg = tiny_config(tmp_path, "model.num_layers=1", "model.moe.num_experts=4", "model.moe.top_k=2")
+    mesh = mesh_of(data=1)
+    data = make_dataset(cfg.data, "train")
+    with sharding.use_mesh(mesh):
+        graphdef, _, shardings = train.abstract_train_state(cfg, mesh)
+        state = train.init_train_state(cfg, shardings)
+        result = train.evaluate_held_out(jax.jit(train.make_eval_step(cfg), static_argnums=0), graphdef, state,
+                                         data, mesh, num_batches=2)
+    model = nnx.merge(graphdef, jax.device_get(state)).model
+    ce = tokens = 0.0
+    loads = []
+    for index in range(2):
+        batch = data.eval_batch(index)
+        logits, aux = model(jnp.asarray(batch["inputs_BL"]), positions_BL=jnp.asarray(batch["positions_BL"]),
+                            segment_ids_BL=jnp.asarray(batch["segment_ids_BL"]))
+        batch_ce, _ = _reference_sums(logits, batch["targets_BL"], batch["loss_mask_BL"])
+        ce, tokens = ce + batch_ce, tokens + float(np.sum(batch["loss_mask_BL"]))
+        loads.append(np.asarray(aux["moe/expert_load_LE"]))
+    assert result["eval_loss"] == pytest.approx(ce / tokens, rel=1e-5)
+    np.testing.assert_allclose(result["eval/moe/expert_load_LE"], np.mean(loads, axis=0), rtol=1e-5)
+    assert not np.allclose(loads[0], loads[1])  # two different batches really were averaged
+    flat = metrics.flatten(result)
+    assert {"eval/moe/load_cv/layer0", "eval/moe/dropped_token_fraction/layer0",
+            "eval/moe/expert_load/layer0/expert3"} <= set(flat)

@@ -84,7 +84,7 @@ def _split_shape_suffix(key: str, ndim: int) -> tuple[str, list[str]]:
     base, _, suffix = key.rpartition("_")
     if base and len(suffix) == ndim and suffix.isalpha() and suffix.isupper():
         return base, [_LETTER_NAMES.get(letter, letter.lower()) for letter in suffix]
-    if key.startswith("moe/") and ndim == 1:  # the model stacks MoE statistics per MoE layer
+    if key.removeprefix("eval/").startswith("moe/") and ndim == 1:  # MoE statistics are stacked per MoE layer
         return key, ["layer"]
     return key, [f"dim{d}_" for d in range(ndim)]
 

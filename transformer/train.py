@@ -243,12 +243,12 @@ def make_train_step(cfg: Config):
 
 
 def make_eval_step(cfg: Config):
-    """`eval_step(graphdef, state, batch) -> masked loss sums` (no state change)."""
+    """`eval_step(graphdef, state, batch) -> (masked loss sums, MoE routing statistics)` (no state change)."""
 
     def eval_step(graphdef, state, batch):
         model = nnx.merge(graphdef, state).model
-        sums, _ = loss_sums(model, batch, loss_chunk_size=cfg.loss_chunk_size)
-        return sums
+        sums, aux = loss_sums(model, batch, loss_chunk_size=cfg.loss_chunk_size)
+        return sums, {key: value for key, value in aux.items() if key.startswith("moe/")}
 
     return eval_step
 
@@ -275,13 +275,18 @@ def local_batch(data: Dataset, step: int, mesh, *, held_out: bool = False) -> di
 # ---------------------------------------------------------------- loop
 
 
-def evaluate_loss(eval_step, graphdef, state, data: Dataset, mesh, num_batches: int) -> float:
-    """Mean held-out token cross-entropy over `num_batches` eval batches."""
+def evaluate_held_out(eval_step, graphdef, state, data: Dataset, mesh, num_batches: int) -> dict:
+    """{"eval_loss": mean held-out token cross-entropy over `num_batches` eval batches, "eval/moe/...": the
+    MoE routing statistics of those batches (means over batches)}."""
     ce = tokens = 0.0
+    routing = []
     for index in range(num_batches):
-        sums = jax.device_get(eval_step(graphdef, state, place_batch(local_batch(data, index, mesh, held_out=True), mesh)))
+        batch = place_batch(local_batch(data, index, mesh, held_out=True), mesh)
+        sums, stats = jax.device_get(eval_step(graphdef, state, batch))
         ce, tokens = ce + float(sums["ce"]), tokens + float(sums["tokens"])
-    return ce / max(tokens, 1.0)
+        routing.append(stats)
+    means = {f"eval/{key}": np.mean([np.asarray(s[key]) for s in routing], axis=0) for key in routing[0]}
+    return {"eval_loss": ce / max(tokens, 1.0), **means}
 
 
 class Throughput:
@@ -360,9 +365,9 @@ def train(cfg: Config) -> dict:
                     summary["losses"].append(float(metrics["loss"]))
                     record = {k: v for k, v in metrics.items() if k != "finite"} | throughput.report()
                     if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                        summary["eval_loss"] = evaluate_loss(eval_step, graphdef, state, data, mesh, cfg.eval_batches)
-                        record |= {"eval_loss": summary["eval_loss"],
-                                   "eval_perplexity": math.exp(min(summary["eval_loss"], 700.0))}
+                        record |= evaluate_held_out(eval_step, graphdef, state, data, mesh, cfg.eval_batches)
+                        summary["eval_loss"] = record["eval_loss"]
+                        record["eval_perplexity"] = math.exp(min(summary["eval_loss"], 700.0))
                     if step % cfg.log_every == 0 or step == cfg.steps or "eval_loss" in record:
                         writer.write(step, record)
                         summary |= throughput.report()

@@ -222,6 +222,7 @@ class MoE(nnx.Module):
             assigned_BLE = jnp.sum(dispatch_BLEC, axis=-1)
             y_BLD = self._capacity_experts(x_BLD, dispatch_BLEC, combine_BLEC)
             dropped = jnp.mean((jnp.sum(assigned_BLE, axis=-1) == 0).astype(jnp.float32))
+            dropped_tokens = dropped
             top1_BL = jnp.argmax(probs_BLE, axis=-1)
         else:
             bias_E = self.router_bias[...] if self.router_bias is not None else None
@@ -229,11 +230,12 @@ class MoE(nnx.Module):
             assigned_BLE = jnp.sum(jax.nn.one_hot(idx_BLK, E, dtype=jnp.float32), axis=2)
             if self.dropless:
                 y_BLD = self._dropless_experts(x_BLD, idx_BLK, gate_BLK)
-                dropped = jnp.zeros((), jnp.float32)
+                dropped = dropped_tokens = jnp.zeros((), jnp.float32)
             else:
                 dispatch_BLEC, combine_BLEC, keep_BLK = capacity_dispatch(idx_BLK, gate_BLK, E, capacity)
                 y_BLD = self._capacity_experts(x_BLD, dispatch_BLEC, combine_BLEC)
                 dropped = 1.0 - jnp.mean(keep_BLK.astype(jnp.float32))
+                dropped_tokens = jnp.mean((~jnp.any(keep_BLK, axis=-1)).astype(jnp.float32))
             top1_BL = idx_BLK[..., 0]
             if update_router_bias and self.router_bias is not None:
                 counts_E = jnp.sum(assigned_BLE, axis=(0, 1))
@@ -243,7 +245,7 @@ class MoE(nnx.Module):
         if self.shared_up is not None:
             y_BLD = y_BLD + self._shared_experts(x_BLD)
         y_BLD = sharding.constrain(y_BLD.astype(x_BLD.dtype), ("batch", "length", "embed"))
-        return y_BLD, self._aux(logits_BLE, probs_BLE, assigned_BLE, top1_BL, dropped)
+        return y_BLD, self._aux(logits_BLE, probs_BLE, assigned_BLE, top1_BL, dropped, dropped_tokens)
 
     def _ffn(self, x, w_up, w_gate, w_down, matmul):
         act = _activation(self.activation)
@@ -282,7 +284,10 @@ class MoE(nnx.Module):
                                 lambda a, w: jnp.einsum("BLX,XY->BLY", a, w))
         return down(sharding.constrain(h_BLF, ("batch", "length", "mlp")))
 
-    def _aux(self, logits_BLE, probs_BLE, assigned_BLE, top1_BL, dropped) -> dict:
+    def _aux(self, logits_BLE, probs_BLE, assigned_BLE, top1_BL, dropped, dropped_tokens) -> dict:
+        """dropped_fraction: routed (token, expert) assignments lost to capacity (expert choice: tokens no
+        expert picked); dropped_token_fraction: tokens none of whose assignments were kept (they ride the
+        residual only)."""
         E = self.num_experts
         lb = balance_loss(probs_BLE, assigned_BLE)
         z = router_z_loss(logits_BLE)
@@ -303,6 +308,7 @@ class MoE(nnx.Module):
             "seq_balance_loss": seq,
             "expert_load_E": load_E,
             "dropped_fraction": dropped,
+            "dropped_token_fraction": dropped_tokens,
             "router_entropy": entropy,
             "load_cv": jnp.std(load_E) / mean_load,
             "load_max_over_mean": jnp.max(load_E) / mean_load,
