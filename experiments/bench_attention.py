@@ -156,17 +156,21 @@ def _bench_one(args, ra, row: Row) -> None:
     row.tflops = attention_flops(args, row.seq_len, row.pass_) / (row.ms / 1e3) / 1e12
     row.peak_mib = _peak_bytes(compiled) / 2 ** 20
     if row.pass_ == "fwd" and row.seq_len <= args.check_max_len:
-        row.rel_err = _relative_error(args, compiled(*inputs), inputs)
+        row.rel_err = _relative_error(args, ra, row, compiled(*inputs), inputs)
 
 
-def _relative_error(args, out_BQHD, inputs) -> float:
-    """max |out - reference| / max |reference|, the reference computed in float32 on the same inputs."""
+def _relative_error(args, ra, row: Row, out_BQHD, inputs) -> float:
+    """max |out - reference| / max |reference|, the reference computed in float32 on the same inputs (for
+    the zigzag ring, token i of the inputs is at position zigzag_permutation[i])."""
     import numpy as np
 
     from transformer.ops.attention import attention
 
     q, k, v = (np.asarray(x, np.float32) for x in inputs[:3])
-    expected = np.asarray(attention(q, k, v, causal=not args.non_causal, implementation="reference"))
+    causal = not args.non_causal
+    positions = ra.zigzag_permutation(row.seq_len, row.devices)[None] if row.method == "ring" and causal else None
+    expected = np.asarray(attention(q, k, v, causal=causal, q_positions_BQ=positions, kv_positions_BK=positions,
+                                    implementation="reference"))
     return float(np.max(np.abs(np.asarray(out_BQHD, np.float32) - expected)) / np.max(np.abs(expected)))
 
 

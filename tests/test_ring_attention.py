@@ -104,6 +104,7 @@ CASES = {
                                             dict(zigzag=False, causal=False, window=3, segments=True)),
     "mqa_data2_seq2_tensor2": (dict(data=2, sequence=2, tensor=2), 2, 16, 4, 1,
                                dict(zigzag=True, causal=True, kernel="reference")),
+    "causal_gqa_zigzag_ring1": (dict(sequence=1), 1, 16, 4, 2, dict(zigzag=True, causal=True, kernel="blockwise")),
     "causal_window_random_token_order_ring4": (dict(sequence=4), 1, 32, 2, 2,
                                                dict(zigzag=False, causal=True, window=9, shuffle=True)),
 }

@@ -370,6 +370,9 @@ def _zeros(shape, *like):
 
 
 def _rotate(tree, axis_name, size: int):
+    """Each device's `tree` moves to the next device of the ring (identity on a ring of one)."""
+    if size == 1:
+        return tree
     perm = [(i, (i + 1) % size) for i in range(size)]
     return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
