@@ -9,7 +9,9 @@ corpus at length L with the library's own `train`, then evaluated on held-out te
 evaluated with position interpolation (linear), NTK-aware, dynamic NTK and YaRN scaling applied at
 inference without retraining (scale factor = eval length / L), and after a short fine-tune at 4L
 with YaRN scaling (init_from the RoPE run). A second set of models per encoding is trained on the
-synthetic passkey task and tested for retrieval accuracy across lengths and depths.
+synthetic passkey task (loss on the key digits only) and tested for retrieval accuracy across lengths
+and depths with evaluate.passkey_accuracy, whose prompts at the training length are laid out exactly
+like the training rows.
 
 Writes perplexity.csv / perplexity.md / perplexity.png and passkey.csv / passkey.md / passkey.png
 under --results-dir. Runs are resumable: rerunning the command continues unfinished training
@@ -26,12 +28,12 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    "cpu": dict(train_len=64, factors=(1, 2, 4, 8, 16), d_model=128, layers=3, heads=4, batch=16, steps=600,
-                lr=2e-3, warmup=50, eval_sequences=8, finetune_steps=100, passkey_len=160, passkey_steps=500,
-                passkey_factors=(1, 2, 4), passkey_trials=8, block=256),
+    "cpu": dict(train_len=64, factors=(1, 2, 4, 8, 16), d_model=128, layers=2, heads=4, batch=8, steps=400,
+                lr=2e-3, warmup=40, eval_sequences=8, finetune_steps=100, passkey_len=128, passkey_batch=16,
+                passkey_steps=250, passkey_warmup=20, passkey_factors=(1, 2, 4), passkey_trials=8, block=256),
     "gpu": dict(train_len=512, factors=(1, 2, 4, 8, 16), d_model=512, layers=8, heads=8, batch=32, steps=3000,
-                lr=1e-3, warmup=200, eval_sequences=16, finetune_steps=300, passkey_len=512, passkey_steps=2000,
-                passkey_factors=(1, 2, 4, 8), passkey_trials=20, block=512),
+                lr=1e-3, warmup=200, eval_sequences=16, finetune_steps=300, passkey_len=512, passkey_batch=32,
+                passkey_steps=2000, passkey_warmup=200, passkey_factors=(1, 2, 4, 8), passkey_trials=20, block=512),
 }
 ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "nope")
 ROPE_SCALINGS = ("linear", "ntk", "dynamic_ntk", "yarn")
@@ -73,13 +75,24 @@ def base_config(p: dict, encoding: str, run_dir: Path, overrides: list[str]):
     return apply_overrides(cfg, overrides).validate()
 
 
+SECONDS = {"train": 0.0, "evaluate": 0.0}  # summed over runs, printed at the end
+
+
 def train_run(cfg) -> None:
     from transformer.train import train
 
     started = time.perf_counter()
     summary = train(cfg)
-    print(f"  trained {cfg.run_dir}: step {summary['step']} loss {summary['loss']} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    seconds = time.perf_counter() - started
+    SECONDS["train"] += seconds
+    print(f"  trained {cfg.run_dir}: step {summary['step']} loss {summary['loss']} ({seconds:.0f} s)", flush=True)
+
+
+def timed_evaluation(fn, *args, **kwargs):
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    SECONDS["evaluate"] += time.perf_counter() - started
+    return result
 
 
 def single_device_mesh():
@@ -107,17 +120,18 @@ def perplexity_rows(p: dict, runs: Path, encodings: list[str], overrides: list[s
         cfg = base_config(p, encoding, runs / encoding, overrides)
         train_run(cfg)
         loaded = load_model(str(runs / encoding), mesh=mesh)
-        record(encoding, perplexity_at_lengths(loaded, lengths, p["eval_sequences"], mesh=mesh))
+        record(encoding, timed_evaluation(perplexity_at_lengths, loaded, lengths, p["eval_sequences"], mesh=mesh))
         if encoding != "rope":
             continue
-        record("rope + sliding window", perplexity_at_lengths(loaded, lengths, p["eval_sequences"], mode="sliding",
-                                                               mesh=mesh))
+        record("rope + sliding window", timed_evaluation(perplexity_at_lengths, loaded, lengths, p["eval_sequences"],
+                                                          mode="sliding", mesh=mesh))
         for scaling in ROPE_SCALINGS:
             results = []
             for length in lengths:
                 factor = max(length / p["train_len"], 1.0)
                 model_cfg = dataclasses.replace(loaded.cfg.model, rope_scaling=scaling, rope_scaling_factor=factor)
-                results += perplexity_at_lengths(loaded, [length], p["eval_sequences"], model_cfg=model_cfg, mesh=mesh)
+                results += timed_evaluation(perplexity_at_lengths, loaded, [length], p["eval_sequences"],
+                                            model_cfg=model_cfg, mesh=mesh)
             record(f"rope + {scaling}", results)
 
         finetune_len = 4 * p["train_len"]
@@ -131,12 +145,13 @@ def perplexity_rows(p: dict, runs: Path, encodings: list[str], overrides: list[s
             steps=p["finetune_steps"],
         ).validate()
         train_run(ft)
-        record("rope + yarn fine-tune 4L", perplexity_at_lengths(str(runs / "rope_yarn_finetune"), lengths,
-                                                                  p["eval_sequences"], mesh=mesh))
+        record("rope + yarn fine-tune 4L", timed_evaluation(perplexity_at_lengths, str(runs / "rope_yarn_finetune"),
+                                                             lengths, p["eval_sequences"], mesh=mesh))
     return rows
 
 
-def passkey_rows(p: dict, runs: Path, encodings: list[str], overrides: list[str]) -> list[dict]:
+def passkey_rows(p: dict, runs: Path, encodings: list[str], overrides: list[str]) -> tuple[list[dict], int]:
+    """(one row per encoding, length and depth; the number of key digits)."""
     from transformer.evaluate import passkey_accuracy
 
     mesh = single_device_mesh()
@@ -146,19 +161,24 @@ def passkey_rows(p: dict, runs: Path, encodings: list[str], overrides: list[str]
         cfg = base_config(p, encoding, runs / f"passkey_{encoding}", overrides)
         cfg = dataclasses.replace(
             cfg,
-            model=dataclasses.replace(cfg.model, max_seq_len=max(lengths) if encoding == "learned" else p["passkey_len"]),
-            data=dataclasses.replace(cfg.data, dataset="passkey", seq_len=p["passkey_len"]),
+            model=dataclasses.replace(cfg.model,
+                                      max_seq_len=max(lengths) if encoding == "learned" else p["passkey_len"]),
+            data=dataclasses.replace(cfg.data, dataset="passkey", seq_len=p["passkey_len"],
+                                     global_batch_size=p["passkey_batch"]),
+            optim=dataclasses.replace(cfg.optim, warmup_steps=p["passkey_warmup"]),
+            checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=max(p["passkey_steps"] // 4, 1)),
             steps=p["passkey_steps"],
         ).validate()
         train_run(cfg)
-        results = passkey_accuracy(str(runs / f"passkey_{encoding}"), lengths, DEPTHS, p["passkey_trials"], mesh=mesh)
+        results = timed_evaluation(passkey_accuracy, str(runs / f"passkey_{encoding}"), lengths, DEPTHS,
+                                   p["passkey_trials"], mesh=mesh)
         for r in results:
             rows.append({"method": encoding, "length": r["length"], "depth": r["depth"], "accuracy": r["accuracy"],
                          "digit_accuracy": r["digit_accuracy"]})
         print(f"  passkey {encoding:>10}: " + "  ".join(
             f"{length}:{sum(r['accuracy'] for r in results if r['length'] == length) / len(DEPTHS):.2f}"
             for length in lengths), flush=True)
-    return rows
+    return rows, cfg.data.passkey_digits
 
 
 # ---------------------------------------------------------------- outputs
@@ -183,26 +203,54 @@ def pivot_markdown(rows: list[dict], row_key: str, col_key: str, value_key: str,
     return "\n".join(lines) + "\n"
 
 
+def line_styles(methods: list[str]) -> dict[str, dict]:
+    """A distinct colour per line (tab10, then black); solid for the encodings, a distinct dash pattern and
+    marker for each variant of one ("rope + ...")."""
+    import matplotlib
+
+    colours = list(matplotlib.colormaps["tab10"].colors) + ["black", "gold"]
+    if len(methods) > len(colours):
+        raise ValueError(f"{len(methods)} lines but only {len(colours)} distinct colours")
+    dashes = ["--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (2, 2)), (0, (4, 1, 1, 1))]
+    markers = ["s", "^", "v", "D", "P", "X", "*"]
+    styles, variant = {}, 0
+    for i, method in enumerate(methods):
+        if "+" in method:
+            style = dict(linestyle=dashes[variant % len(dashes)], marker=markers[variant % len(markers)])
+            variant += 1
+        else:
+            style = dict(linestyle="-", marker="o")
+        styles[method] = dict(color=colours[i], **style)
+    return styles
+
+
 def plot_perplexity(rows: list[dict], train_len: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method, style in line_styles(methods).items():
         points = sorted((r["length"], r["perplexity"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points), marker="o", label=method, linestyle="--" if "+" in method else "-")
+        ax.plot(*zip(*points), label=method, markersize=4, linewidth=1.4, **style)
     ax.axvline(train_len, color="grey", linewidth=0.8)
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="held-out perplexity",
            title=f"Length extrapolation (trained at L={train_len})")
-    ax.legend(fontsize=7)
+    lengths = sorted({r["length"] for r in rows})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_passkey(rows: list[dict], path: Path) -> None:
+def plot_passkey(rows: list[dict], train_len: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,11 +267,45 @@ def plot_passkey(rows: list[dict], path: Path) -> None:
         ax.set(title=method, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(DEPTHS)),
                yticklabels=DEPTHS, xlabel="length")
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w" if value < 0.5 else "k", fontsize=7)
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.5 else "k", fontsize=7)
     axes[0][0].set_ylabel("depth")
+    fig.suptitle(f"Passkey retrieval accuracy (trained at L={train_len})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_perplexity(rows: list[dict], p: dict, results_dir: Path) -> str:
+    write_csv(results_dir / "perplexity.csv", rows)
+    table = pivot_markdown(rows, "length", "method", "perplexity", ".2f")
+    (results_dir / "perplexity.md").write_text(table)
+    plot_perplexity(rows, p["train_len"], results_dir / "perplexity.png")
+    return table
+
+
+def write_passkey(rows: list[dict], digits: int, p: dict, results_dir: Path) -> str:
+    import numpy as np
+
+    write_csv(results_dir / "passkey.csv", rows)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+
+    def mean(method: str, length: int, key: str) -> float:
+        return float(np.mean([r[key] for r in rows if r["method"] == method and r["length"] == length]))
+
+    means = [{"method": m, "length": n, "accuracy": mean(m, n, "accuracy"),
+              "digit_accuracy": mean(m, n, "digit_accuracy")} for m in methods for n in lengths]
+    table = pivot_markdown(means, "length", "method", "accuracy", ".2f")
+    digit_table = pivot_markdown(means, "length", "method", "digit_accuracy", ".2f")
+    by_depth = [dict(r, **{"method, depth": f"{r['method']}, {r['depth']}"}) for r in rows]
+    depth_table = pivot_markdown(by_depth, "method, depth", "length", "accuracy", ".2f")
+    (results_dir / "passkey.md").write_text(
+        f"Passkey retrieval, trained at L={p['passkey_len']}, {p['passkey_trials']} trials per (length, depth).\n\n"
+        f"Accuracy (all {digits} digits right), mean over depths {', '.join(map(str, DEPTHS))}:\n\n{table}\n"
+        f"Digit accuracy (chance 0.10), mean over depths:\n\n{digit_table}\n"
+        f"Accuracy by depth (0 = key at the start of the filler, 1 = just before the question):\n\n{depth_table}")
+    plot_passkey(rows, p["passkey_len"], results_dir / "passkey.png")
+    return table
 
 
 def main(argv=None) -> int:
@@ -235,24 +317,13 @@ def main(argv=None) -> int:
 
     print(f"perplexity sweep ({args.preset}): train at L={p['train_len']}", flush=True)
     rows = perplexity_rows(p, args.runs_dir, encodings, args.overrides)
-    write_csv(args.results_dir / "perplexity.csv", rows)
-    table = pivot_markdown(rows, "length", "method", "perplexity", ".2f")
-    (args.results_dir / "perplexity.md").write_text(table)
-    plot_perplexity(rows, p["train_len"], args.results_dir / "perplexity.png")
-    print(table)
-
+    print(write_perplexity(rows, p, args.results_dir))
     if not args.skip_passkey:
         print(f"passkey sweep ({args.preset}): train at L={p['passkey_len']}", flush=True)
-        rows = passkey_rows(p, args.runs_dir, encodings, args.overrides)
-        write_csv(args.results_dir / "passkey.csv", rows)
-        mean_rows = [{"method": m, "length": n,
-                      "accuracy": sum(r["accuracy"] for r in rows if r["method"] == m and r["length"] == n) / len(DEPTHS)}
-                     for m in dict.fromkeys(r["method"] for r in rows) for n in sorted({r["length"] for r in rows})]
-        table = pivot_markdown(mean_rows, "length", "method", "accuracy", ".2f")
-        (args.results_dir / "passkey.md").write_text("Passkey accuracy (mean over depths)\n\n" + table)
-        plot_passkey(rows, args.results_dir / "passkey.png")
-        print(table)
-    print(f"done in {time.perf_counter() - started:.0f} s; results in {args.results_dir}")
+        rows, digits = passkey_rows(p, args.runs_dir, encodings, args.overrides)
+        print(write_passkey(rows, digits, p, args.results_dir))
+    print(f"done in {time.perf_counter() - started:.0f} s (summed per run: training {SECONDS['train']:.0f} s, "
+          f"evaluation {SECONDS['evaluate']:.0f} s); results in {args.results_dir}")
     return 0
 
 

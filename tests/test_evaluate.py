@@ -3,6 +3,7 @@ references, passkey accuracy against greedy decoding, ring-attention evaluation,
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 from flax import nnx
 
 from transformer import evaluate, sharding, train
-from transformer.config import MeshConfig
-from transformer.data import make_dataset
-from transformer.data.synthetic import passkey_example
+from transformer.config import DataConfig, MeshConfig
+from transformer.data import make_dataset, tokenizer
+from transformer.data.synthetic import QUESTION, passkey_example
 from transformer.model import build_model
 
 from test_train import STEPS, tiny_config  # the same tiny run as test_train: its programs compile once
@@ -121,7 +122,7 @@ def test_passkey_accuracy_is_the_greedy_exact_match_rate(noisy, monkeypatch):
     rng = np.random.default_rng(0)
     examples = []
     for i in range(4):
-        tokens, (start, end) = passkey_example(PASSKEY_LENGTH, 0.5, rng)
+        tokens, (start, end) = passkey_example(PASSKEY_LENGTH + 1, 0.5, rng)
         tokens[start:end] = greedy_answer(model, tokens, start, end)
         if i >= 2:  # wrong last digit: the model's answer misses this key by one token
             tokens[end - 1] = (tokens[end - 1] + 1) % 256
@@ -130,7 +131,7 @@ def test_passkey_accuracy_is_the_greedy_exact_match_rate(noisy, monkeypatch):
     assert len(set(answers.tolist())) > 3
 
     def patched(length, depth, rng, *, digits):
-        assert length == PASSKEY_LENGTH and digits == loaded.cfg.data.passkey_digits
+        assert length == PASSKEY_LENGTH + 1 and digits == loaded.cfg.data.passkey_digits
         tokens, span = examples[len(calls) % len(examples)]
         calls.append(depth)
         return tokens.copy(), span
@@ -142,6 +143,53 @@ def test_passkey_accuracy_is_the_greedy_exact_match_rate(noisy, monkeypatch):
         assert calls == [0.5] * 4
         assert result["accuracy"] == 0.5 and result["trials"] == 4
         assert result["digit_accuracy"] == pytest.approx(18 / 20)
+
+
+def training_layout(length: int, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(loss-masked positions, inputs) of passkey training rows at data.seq_len = length."""
+    rows = make_dataset(DataConfig(dataset="passkey", seq_len=length, global_batch_size=4,
+                                   passkey_digits=digits)).batch(0)
+    masked = [np.flatnonzero(mask_L) for mask_L in rows["loss_mask_BL"]]
+    assert all(np.array_equal(m, masked[0]) for m in masked) and len(masked[0]) == digits
+    return masked[0], rows["inputs_BL"]
+
+
+def test_passkey_prompts_have_the_training_layout():
+    length, digits = PASSKEY_LENGTH, 4
+    masked_A, train_inputs_NL = training_layout(length, digits)
+    batch, index_NA, answers_NA = evaluate.passkey_batch(length, 0.5, 3, np.random.default_rng(0), digits=digits)
+    assert batch["inputs_BL"].shape == (3, length)
+    for row in range(3):
+        np.testing.assert_array_equal(index_NA[row], masked_A)
+        np.testing.assert_array_equal(batch["loss_mask_BL"][row], np.isin(np.arange(length), masked_A))
+        key = re.search(r"The pass key is (\d{4})\.", tokenizer.decode(batch["inputs_BL"][row])).group(1)
+        assert tokenizer.decode(answers_NA[row]) == key
+    question = slice(masked_A[0] + 1 - len(QUESTION), masked_A[0] + 1)
+    np.testing.assert_array_equal(batch["inputs_BL"][:, question], train_inputs_NL[:3, question])
+
+
+def test_passkey_accuracy_of_an_oracle_of_the_training_rows_is_one(loaded, monkeypatch):
+    """A model that perfectly fits the training rows (the key digits read from its input, predicted at
+    the loss-masked positions of a training row of the same length when the question ends there, PAD
+    elsewhere) scores 1.0."""
+    digits = loaded.cfg.data.passkey_digits
+
+    def oracle_argmax_at(graphdef, state, batch, index_BA):
+        inputs_BL = np.asarray(batch["inputs_BL"])
+        masked_A, _ = training_layout(inputs_BL.shape[1], digits)
+        predicted_BA = np.full(np.shape(index_BA), tokenizer.PAD)
+        for b, row in enumerate(inputs_BL):
+            key = tokenizer.encode(re.search(rf"The pass key is (\d{{{digits}}})\.", tokenizer.decode(row)).group(1))
+            if not tokenizer.decode(row[:masked_A[0] + 1]).endswith(QUESTION):
+                continue  # not the training layout: the question does not end where the answer starts
+            for a, position in enumerate(np.asarray(index_BA)[b]):
+                if position in masked_A:
+                    predicted_BA[b, a] = key[list(masked_A).index(position)]
+        return predicted_BA
+
+    monkeypatch.setattr(evaluate, "_argmax_at", oracle_argmax_at)
+    results = evaluate.passkey_accuracy(loaded, [PASSKEY_LENGTH], depths=[0.0, 1.0], trials=3)
+    assert [(r["accuracy"], r["digit_accuracy"]) for r in results] == [(1.0, 1.0)] * 2
 
 
 def test_ring_attention_evaluation_matches_one_device(loaded):

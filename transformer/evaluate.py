@@ -16,9 +16,11 @@ Perplexity modes, for each length L over the first `num_sequences` held-out wind
   each scores only the tokens no earlier window scored, so every token after the first window
   sees at least W - stride tokens of context (a no-extrapolation baseline for L > W).
 
-Passkey accuracy: the fraction of examples whose answer digits are all the model's argmax
-predictions given the true prefix, which is exactly when greedy decoding would produce the
-answer.
+Passkey accuracy at length L: prompts laid out exactly like the training rows of
+data.dataset="passkey" at data.seq_len = L (an example of L + 1 tokens whose first L are the
+model's input; the answer digits are the targets of the last positions). An example counts when
+its answer digits are all the model's argmax predictions given the true prefix, which is exactly
+when greedy decoding would produce the answer.
 """
 
 from __future__ import annotations
@@ -193,10 +195,29 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
     return results
 
 
+def passkey_batch(length: int, depth: float, trials: int, rng: np.random.Generator, *,
+                  digits: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(batch, index_NA, answers_NA): `trials` passkey prompts at context length `length`, built like the
+    training rows of data.seq_len = length: examples of length + 1 tokens, inputs the first `length`,
+    targets shifted by one, loss_mask on the answer. index_NA are the input positions whose next-token
+    predictions are the answer digits answers_NA (the loss-masked positions of a training row)."""
+    if trials < 1:
+        raise ValueError(f"trials={trials} must be >= 1")
+    examples = [passkey_example(length + 1, float(depth), rng, digits=digits) for _ in range(trials)]
+    tokens_NT = np.stack([tokens for tokens, _ in examples])
+    index_NA = np.stack([np.arange(start - 1, end - 1) for _, (start, end) in examples])
+    targets_NL = tokens_NT[:, 1:]
+    mask_NL = np.zeros(targets_NL.shape, np.float32)
+    np.put_along_axis(mask_NL, index_NA, 1.0, axis=1)
+    answers_NA = np.take_along_axis(targets_NL, index_NA, axis=1)
+    return _batch(tokens_NT[:, :-1], targets_NL, mask_NL), index_NA, answers_NA
+
+
 def passkey_accuracy(source, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), trials: int = 10, *,
                      seed: int = 0, model_cfg: ModelConfig | None = None, mesh=None) -> list[dict]:
-    """Passkey retrieval accuracy in [0, 1] for each (length, depth): one dict with length, depth,
-    accuracy (exact match of every answer digit), digit_accuracy and trials."""
+    """Passkey retrieval accuracy in [0, 1] for each (context length, depth): one dict with length, depth,
+    accuracy (exact match of every answer digit), digit_accuracy and trials. Prompts come from
+    `passkey_batch`, so length = data.seq_len is exactly the training layout."""
     if trials < 1:
         raise ValueError(f"trials={trials} must be >= 1")
     loaded = load_model(source, model_cfg=model_cfg, mesh=mesh)
@@ -208,15 +229,11 @@ def passkey_accuracy(source, lengths: Sequence[int], depths: Sequence[float] = (
             layout = np.argsort(zigzag_permutation(length, ring)) if ring > 1 else np.arange(length)
             for d, depth in enumerate(depths):
                 rng = np.random.default_rng([seed, int(length), d])
-                examples = [passkey_example(length, float(depth), rng, digits=cfg.data.passkey_digits)
-                            for _ in range(trials)]
-                tokens_NL = np.stack([tokens for tokens, _ in examples])
-                answers_NA = np.stack([tokens[start:end] for tokens, (start, end) in examples])
-                predicted_at_NA = np.stack([np.arange(start - 1, end - 1) for _, (start, end) in examples])
-                batch = _batch(tokens_NL, tokens_NL, np.ones_like(tokens_NL))
+                batch, index_NA, answers_NA = passkey_batch(length, depth, trials, rng,
+                                                            digits=cfg.data.passkey_digits)
                 predicted_NA = np.asarray(jax.device_get(_argmax_at(
                     loaded.graphdef, loaded.state, place_batch(batch, loaded.mesh),
-                    jnp.asarray(layout[predicted_at_NA], jnp.int32))))
+                    jnp.asarray(layout[index_NA], jnp.int32))))
                 correct_NA = predicted_NA == answers_NA
                 results.append({"length": int(length), "depth": float(depth),
                                 "accuracy": float(np.mean(np.all(correct_NA, axis=1))),
