@@ -117,6 +117,14 @@ def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry):
+    """`update(carry, kp_Bk, ok_B11qk)` for kv block j of a q chunk, skipped when the mask hides the whole tile."""
+    bk = spec.block_k
+    kp_Bk, ks_Bk = _slice(kp_BK, j * bk, bk), _slice(ks_BK, j * bk, bk)
+    ok_B11qk = _tile_mask(spec, qp_Bq, kp_Bk, qs_Bq, ks_Bk, _slice(kvalid_BK, j * bk, bk))
+    return lax.cond(ok_B11qk.any(), lambda c: update(c, kp_Bk, ok_B11qk), lambda c: c, carry)
+
+
 def _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H):
     # Tie the mask inputs to q: inside a differentiated lax.scan (the model's layer scan) jax hoists work that
     # depends only on loop constants (positions, segment ids) out of the loop, which would store every
@@ -136,10 +144,7 @@ def _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
         qp_Bq, qs_Bq = _slice(qp_BQ, i * bq, bq), _slice(qs_BQ, i * bq, bq)
 
         def kv_step(carry, j):
-            kp_Bk, ks_Bk = _slice(kp_BK, j * bk, bk), _slice(ks_BK, j * bk, bk)
-            ok_B11qk = _tile_mask(spec, qp_Bq, kp_Bk, qs_Bq, ks_Bk, _slice(kvalid_BK, j * bk, bk))
-
-            def update(carry):
+            def update(carry, kp_Bk, ok_B11qk):
                 m_BGRq, l_BGRq, acc_BGRqD = carry
                 k_BkGD, v_BkGD = _slice(k_BKGD, j * bk, bk), _slice(v_BKGD, j * bk, bk)
                 s_BGRqk = _tile_logits(spec, q_BqGRD, k_BkGD, slopes_GR, qp_Bq, kp_Bk)
@@ -153,7 +158,7 @@ def _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
                                       preferred_element_type=jnp.float32)
                 return m_new, l_BGRq, acc_BGRqD * corr_BGRq[..., None] + pv_BGRqD
 
-            return lax.cond(ok_B11qk.any(), update, lambda c: c, carry), None
+            return _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry), None
 
         init = (full_like_inputs((B, G, R, bq), -jnp.inf, *inputs), full_like_inputs((B, G, R, bq), 0.0, *inputs),
                 full_like_inputs((B, G, R, bq, Dv), 0.0, *inputs))
@@ -204,10 +209,7 @@ def _flash_bwd(spec, residuals, cotangents):
         dsoft_BGRq = _slice(dlse_BGRQ, i * bq, bq, axis=3) - _slice(delta_BGRQ, i * bq, bq, axis=3)
 
         def kv_step(carry, j):
-            kp_Bk, ks_Bk = _slice(kp_BK, j * bk, bk), _slice(ks_BK, j * bk, bk)
-            ok_B11qk = _tile_mask(spec, qp_Bq, kp_Bk, qs_Bq, ks_Bk, _slice(kvalid_BK, j * bk, bk))
-
-            def update(carry):
+            def update(carry, kp_Bk, ok_B11qk):
                 dq_BqGRD, dk_BKGD, dv_BKGD = carry
                 k_BkGD, v_BkGD = _slice(k_BKGD, j * bk, bk), _slice(v_BKGD, j * bk, bk)
                 s_BGRqk = _tile_logits(spec, q_BqGRD, k_BkGD, slopes_GR, qp_Bq, kp_Bk)
@@ -224,7 +226,7 @@ def _flash_bwd(spec, residuals, cotangents):
                 dv_BKGD = lax.dynamic_update_slice_in_dim(dv_BKGD, _slice(dv_BKGD, j * bk, bk) + dv_BkGD, j * bk, 1)
                 return dq_BqGRD, dk_BKGD, dv_BKGD
 
-            return lax.cond(ok_B11qk.any(), update, lambda c: c, carry), None
+            return _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry), None
 
         init = (full_like_inputs((B, bq, G, R, D), 0.0, *inputs), *dkv)
         (dq_BqGRD, dk_BKGD, dv_BKGD), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
