@@ -115,7 +115,7 @@ def test_validate_for_mesh_accepts_fitting_configs():
      r"model.num_heads=6 is not divisible by mesh.tensor=4"),
     (config(num_kv_heads=2), dict(tensor=4, data=2), r"model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
     (dataclasses.replace(config(), data=DataConfig(seq_len=36, global_batch_size=8)), dict(sequence=4, data=2),
-     r"data.seq_len=36 is not divisible by 2 x mesh.sequence=4 \(causal zigzag ring\) = 8"),
+     r"data.seq_len=36 is not divisible by 2 x mesh.sequence=4 = 8 \(a causal ring"),
     (dataclasses.replace(config(architecture="encoder"), data=DataConfig(seq_len=42, global_batch_size=8)),
      dict(sequence=4, data=2), r"data.seq_len=42 is not divisible by mesh.sequence=4 = 4"),
     (config(moe=MoEConfig(num_experts=6)), dict(expert=4, data=2),

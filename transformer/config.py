@@ -43,7 +43,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax_topk", "switch", "mixtral", "expert_choice", "sigmoid_bias")
 DATASETS = ("kjv", "text", "npy", "copy", "associative_recall", "passkey")
-MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
+DATA, FSDP, SEQUENCE, TENSOR, EXPERT = "data", "fsdp", "sequence", "tensor", "expert"  # mesh axis names
+MESH_AXES = (DATA, FSDP, SEQUENCE, TENSOR, EXPERT)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from transformer.config import MESH_AXES, Config, ConfigError, MeshConfig
+from transformer.config import MESH_AXES, SEQUENCE, Config, ConfigError, MeshConfig
+from transformer.ops import layout
 
 # logical axis -> mesh axes it may be sharded over (in order of preference)
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -185,14 +186,12 @@ def validate_for_mesh(cfg: Config, mesh: Mesh) -> None:
         if heads % tensor:
             raise ConfigError(f"{name}={heads} is not divisible by mesh.tensor={tensor}; "
                               f"use a tensor axis that divides {heads}")
-    ring = mesh.shape["sequence"]
-    if ring > 1:
-        causal = model.architecture != "encoder"
-        chunks = 2 * ring if causal else ring
-        why = f"2 x mesh.sequence={ring} (causal zigzag ring)" if causal else f"mesh.sequence={ring}"
-        if data.seq_len % chunks:
-            raise ConfigError(f"data.seq_len={data.seq_len} is not divisible by {why} = {chunks}; "
-                              f"choose a multiple of {chunks}")
+    ring = mesh.shape[SEQUENCE]
+    problem = ring > 1 and layout.ring_length_problem(f"data.seq_len={data.seq_len}", data.seq_len,
+                                                        f"mesh.sequence={ring}", ring,
+                                                        causal=model.architecture != "encoder")
+    if problem:
+        raise ConfigError(problem)
     experts = model.moe.num_experts
     if experts and experts % mesh.shape["expert"]:
         raise ConfigError(f"model.moe.num_experts={experts} is not divisible by mesh.expert={mesh.shape['expert']}; "

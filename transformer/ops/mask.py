@@ -1,0 +1,111 @@
+"""`AttentionMask`: what may attend to what. The only mask code in the library.
+
+A mask is a static rule (hashable, so it is a jit-static argument) applied to explicit token
+positions and segment ids, never to array indices; so zigzag-reordered, packed, shifted (decode) and
+sharded sequences are all masked exactly. With dq = q position - kv position, a query may see a key when
+
+    causal            dq >= 0, or the key is in the prefix (kv position < prefix_length)
+    sliding_window w  |dq| < w
+    segment ids       the query's and the key's segment ids are equal
+
+and ALiBi adds -slope_h * |dq| to head h's scores. Every kernel (reference, blockwise, cuDNN, ring,
+decode) asks the mask, through `allowed` for a tile of pairs, `may_attend` for whether a whole block
+can be skipped, and `alibi_bias_BHQK` for the bias.
+
+`allowed` and `may_attend` use only operators and `.min` / `.max`, so they take NumPy or jax arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """causal: keys at later positions are hidden. sliding_window: keys |dq| >= w positions away are
+    hidden (0: no window). prefix_length: with causal, keys at positions < prefix_length are visible to
+    every query (prefix-LM: bidirectional over the prefix, causal after it; positions restart per packed
+    segment, so each document gets its own prefix). alibi_slopes: one ALiBi slope per query head, or None."""
+
+    causal: bool = True
+    sliding_window: int = 0
+    prefix_length: int = 0
+    alibi_slopes: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise ValueError(f"AttentionMask.causal={self.causal!r} must be True or False")
+        for name in ("sliding_window", "prefix_length"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"AttentionMask.{name}={value!r} must be an integer >= 0 (0: off)")
+        if self.prefix_length and not self.causal:
+            raise ValueError(f"AttentionMask.prefix_length={self.prefix_length} needs causal=True "
+                             "(a bidirectional mask already sees the whole prefix)")
+        if self.alibi_slopes is not None:
+            slopes = tuple(float(s) for s in np.asarray(self.alibi_slopes, np.float64).reshape(-1))
+            object.__setattr__(self, "alibi_slopes", slopes)
+        object.__setattr__(self, "causal", bool(self.causal))
+        object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        object.__setattr__(self, "prefix_length", int(self.prefix_length))
+
+    @property
+    def is_full(self) -> bool:
+        """True when only segment ids can hide a key (no causal rule, no window)."""
+        return not self.causal and not self.sliding_window
+
+    def replace(self, **changes: Any) -> "AttentionMask":
+        return dataclasses.replace(self, **changes)
+
+    def check_heads(self, num_heads: int) -> None:
+        """ValueError unless there is one ALiBi slope per query head (or no ALiBi)."""
+        if self.alibi_slopes is not None and len(self.alibi_slopes) != num_heads:
+            raise ValueError(f"AttentionMask has {len(self.alibi_slopes)} ALiBi slopes but the queries have "
+                             f"H={num_heads} heads; give one slope per query head")
+
+    def allowed(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
+        """bool BQK: whether query q may see key k (broadcast over any leading dims)."""
+        q_BQ1, k_B1K = q_positions_BQ[..., :, None], kv_positions_BK[..., None, :]
+        dq_BQK = q_BQ1 - k_B1K
+        ok_BQK = (dq_BQK >= 0) if self.causal else (dq_BQK == dq_BQK)
+        if self.prefix_length:
+            ok_BQK = ok_BQK | (k_B1K < self.prefix_length)
+        if self.sliding_window:
+            ok_BQK = ok_BQK & (abs(dq_BQK) < self.sliding_window)
+        if q_segment_ids_BQ is not None:
+            ok_BQK = ok_BQK & (q_segment_ids_BQ[..., :, None] == kv_segment_ids_BK[..., None, :])
+        return ok_BQK
+
+    def may_attend(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
+        """Scalar bool, False only when `allowed` is False for every pair: a block of queries and a block of
+        keys are judged by the ranges of their positions and segment ids, so a kernel can skip the block."""
+        q_lo, q_hi = q_positions_BQ.min(axis=-1), q_positions_BQ.max(axis=-1)
+        k_lo, k_hi = kv_positions_BK.min(axis=-1), kv_positions_BK.max(axis=-1)
+        ok_B = q_lo == q_lo
+        if self.causal:
+            visible_B = k_lo <= q_hi
+            if self.prefix_length:
+                visible_B = visible_B | (k_lo < self.prefix_length)
+            ok_B = ok_B & visible_B
+        if self.sliding_window:
+            ok_B = ok_B & (k_lo - q_hi < self.sliding_window) & (q_lo - k_hi < self.sliding_window)
+        if q_segment_ids_BQ is not None:
+            ok_B = (ok_B & (kv_segment_ids_BK.min(axis=-1) <= q_segment_ids_BQ.max(axis=-1))
+                    & (q_segment_ids_BQ.min(axis=-1) <= kv_segment_ids_BK.max(axis=-1)))
+        return ok_B.any()
+
+    def alibi_bias_BHQK(self, q_positions_BQ, kv_positions_BK):
+        """float32 -slope_h * |dq|, or None without ALiBi."""
+        if self.alibi_slopes is None:
+            return None
+        dist_BQK = jnp.abs(q_positions_BQ[:, :, None] - kv_positions_BK[:, None, :]).astype(jnp.float32)
+        slopes_H = jnp.asarray(self.alibi_slopes, jnp.float32)
+        return -slopes_H[None, :, None, None] * dist_BQK[:, None]
+
+
+CAUSAL = AttentionMask(causal=True)
+BIDIRECTIONAL = AttentionMask(causal=False)
