@@ -19,13 +19,12 @@ devices), `expert` (MoE experts split across devices; also shards the batch).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from transformer.config import MESH_AXES, SEQUENCE, Config, ConfigError, MeshConfig
 from transformer.ops import layout
@@ -47,8 +46,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_AXIS_RULES)
 _RULES = dict(LOGICAL_AXIS_RULES)
-
-_current_mesh: list[Mesh] = []
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -72,19 +69,22 @@ def _format_sizes(sizes: dict[str, int]) -> str:
     return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
 
 
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
-    """Make `mesh` the target of `constrain` (and jax's own mesh context) inside the block."""
-    _current_mesh.append(mesh)
+def use_mesh(mesh: Mesh):
+    """Context manager: `mesh` becomes jax's current mesh (`jax.sharding.set_mesh`), the target of
+    `constrain` and of ring attention inside the block."""
+    return jax.sharding.set_mesh(mesh)
+
+
+def current_mesh() -> Mesh | AbstractMesh | None:
+    """jax's current mesh: the concrete Mesh outside jit, its AbstractMesh while tracing; None outside
+    any `use_mesh`."""
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract.empty:
+        return None
     try:
-        with jax.sharding.set_mesh(mesh):
-            yield mesh
-    finally:
-        _current_mesh.pop()
-
-
-def current_mesh() -> Mesh | None:
-    return _current_mesh[-1] if _current_mesh else None
+        return jax.sharding.get_mesh()
+    except ValueError:  # inside jit only the abstract mesh is known
+        return abstract
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh,
@@ -127,7 +127,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = current_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, mesh, x.shape))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh, x.shape))
 
 
 def mesh_axis_size(mesh: Mesh | None, logical_axis: str) -> int:

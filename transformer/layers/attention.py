@@ -1,11 +1,11 @@
 """Multi-head attention with grouped KV heads (MHA: G = H, GQA: 1 < G < H, MQA: G = 1).
 
-Self-attention (causal or bidirectional, optional sliding window) applies RoPE or ALiBi from
-explicit position ids, so packed and zigzag-ordered sequences are exact; cross-attention
-(queries from the decoder, keys/values from the encoder output) is bidirectional and
-position-free. Scores are scaled by 1/sqrt(head_dim) (RoPE YaRN additionally scales q and
-k by mscale). The kernel is ring attention when the active mesh splits "sequence", else
-`transformer.ops.attention.attention(implementation=cfg.attention_kernel)`.
+Each layer holds one `AttentionMask` built from the config (`attention_mask`): self-attention is causal
+or bidirectional with the configured sliding window and ALiBi slopes; cross-attention (queries from the
+decoder, keys/values from the encoder output) is bidirectional and position-free. RoPE is applied from
+explicit position ids, so packed and zigzag-ordered sequences are exact. Scores are scaled by
+1/sqrt(head width) (RoPE YaRN additionally scales q and k by mscale). The mask, the positions and the
+segment ids go to ring attention when the current mesh splits `sequence`, else to `ops.attention`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from transformer import sharding
 from transformer.config import ModelConfig
 from transformer.ops import attention as attention_ops
 from transformer.ops import positions as pos_ops
+from transformer.ops.mask import AttentionMask
+from transformer.ops.ring_attention import ring_attention_sharded
 
 _Q_AXES = ("batch", "length", "heads", None)
 _KV_AXES = ("batch", "length", "kv_heads", None)
@@ -34,9 +36,23 @@ def rope_tables(cfg: ModelConfig, seq_len: int):
         high_freq_factor=cfg.llama3_high_freq_factor)
 
 
-def sequence_parallel() -> bool:
+def attention_mask(cfg: ModelConfig, *, causal: bool, cross: bool = False) -> AttentionMask:
+    """The mask of a self-attention layer (causal or bidirectional) or of a cross-attention layer."""
+    if cross:
+        return AttentionMask(causal=False)
+    slopes = pos_ops.alibi_slopes(cfg.num_heads) if cfg.position == "alibi" else None
+    return AttentionMask(causal=causal, sliding_window=cfg.sliding_window, alibi_slopes=slopes)
+
+
+def attend(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, cfg: ModelConfig, **tokens) -> jax.Array:
+    """Attention with cfg's kernel choice: Ring Attention when the current mesh splits `sequence`, else
+    `ops.attention`. `tokens`: q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK."""
     mesh = sharding.current_mesh()
-    return mesh is not None and dict(mesh.shape).get("sequence", 1) > 1
+    kernel = dict(scale=1.0 / math.sqrt(cfg.dim_per_head), implementation=cfg.attention_kernel,
+                  block_size=cfg.attention_block_size)
+    if attention_ops.ring_size(mesh) > 1:
+        return ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask, mesh, **tokens, **kernel)
+    return attention_ops.attention(q_BQHW, k_BKGW, v_BKGW, mask, **tokens, **kernel)
 
 
 class Attention(nnx.Module):
@@ -48,8 +64,9 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.causal = bool(causal) and not cross
         self.cross = bool(cross)
+        self.mask = attention_mask(cfg, causal=self.causal, cross=self.cross)
         self.dtype = jnp.dtype(cfg.dtype)
-        D, H, G, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        D, H, G, W = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         param_dtype = jnp.dtype(cfg.param_dtype)
         init_in = jax.nn.initializers.normal(stddev=cfg.init_std)
         init_out = jax.nn.initializers.normal(stddev=cfg.init_std / math.sqrt(2 * num_layers))
@@ -57,10 +74,10 @@ class Attention(nnx.Module):
         def param(init, shape, axes):
             return nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=axes)
 
-        self.q_DHK = param(init_in, (D, H, Dh), ("embed", "heads", "head_dim"))
-        self.k_DGK = param(init_in, (D, G, Dh), ("embed", "kv_heads", "head_dim"))
-        self.v_DGK = param(init_in, (D, G, Dh), ("embed", "kv_heads", "head_dim"))
-        self.o_HKD = param(init_out, (H, Dh, D), ("heads", "head_dim", "embed"))
+        self.q_DHW = param(init_in, (D, H, W), ("embed", "heads", "head_dim"))
+        self.k_DGW = param(init_in, (D, G, W), ("embed", "kv_heads", "head_dim"))
+        self.v_DGW = param(init_in, (D, G, W), ("embed", "kv_heads", "head_dim"))
+        self.o_HWD = param(init_out, (H, W, D), ("heads", "head_dim", "embed"))
 
     def __call__(self, x_BLD: jax.Array, *, positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None, context_BSD: jax.Array | None = None,
@@ -78,45 +95,26 @@ class Attention(nnx.Module):
         w = lambda p: p[...].astype(self.dtype)
         x_BLD = x_BLD.astype(self.dtype)
         source_BSD = x_BLD if context_BSD is None else context_BSD.astype(self.dtype)
-        q_BLHK = sharding.constrain(jnp.einsum("BLD,DHK->BLHK", x_BLD, w(self.q_DHK)), _Q_AXES)
-        k_BSGK = sharding.constrain(jnp.einsum("BSD,DGK->BSGK", source_BSD, w(self.k_DGK)), _KV_AXES)
-        v_BSGK = sharding.constrain(jnp.einsum("BSD,DGK->BSGK", source_BSD, w(self.v_DGK)), _KV_AXES)
+        q_BLHW = sharding.constrain(jnp.einsum("BLD,DHW->BLHW", x_BLD, w(self.q_DHW)), _Q_AXES)
+        k_BSGW = sharding.constrain(jnp.einsum("BSD,DGW->BSGW", source_BSD, w(self.k_DGW)), _KV_AXES)
+        v_BSGW = sharding.constrain(jnp.einsum("BSD,DGW->BSGW", source_BSD, w(self.v_DGW)), _KV_AXES)
 
-        options = dict(causal=self.causal, scale=1.0 / math.sqrt(cfg.dim_per_head))
         if self.cross:
-            q_seg, kv_seg = _cross_segments(segment_ids_BL, context_segment_ids_BS, B, L, source_BSD.shape[1])
-            options.update(q_segment_ids_BQ=q_seg, kv_segment_ids_BK=kv_seg)
+            q_seg_BL, kv_seg_BS = _cross_segments(segment_ids_BL, context_segment_ids_BS, B, L, source_BSD.shape[1])
+            tokens = dict(q_segment_ids_BQ=q_seg_BL, kv_segment_ids_BK=kv_seg_BS)
         else:
             if positions_BL is not None and tuple(positions_BL.shape) != (B, L):
                 raise ValueError(f"positions_BL has shape {tuple(positions_BL.shape)}; expected (B, L) = {(B, L)}")
             if cfg.position == "rope":
                 inv_freq, mscale = rope_tables(cfg, L)
-                rope_pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) \
-                    if positions_BL is None else positions_BL
-                q_BLHK = pos_ops.apply_rope(q_BLHK, rope_pos_BL, inv_freq, mscale)
-                k_BSGK = pos_ops.apply_rope(k_BSGK, rope_pos_BL, inv_freq, mscale)
-            options.update(q_positions_BQ=positions_BL, kv_positions_BK=positions_BL,
-                           q_segment_ids_BQ=segment_ids_BL, kv_segment_ids_BK=segment_ids_BL,
-                           sliding_window=cfg.sliding_window,
-                           alibi_slopes_H=pos_ops.alibi_slopes(cfg.num_heads) if cfg.position == "alibi" else None)
-        out_BLHK = sharding.constrain(self._kernel(q_BLHK, k_BSGK, v_BSGK, options), _Q_AXES)
-        y_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK.astype(self.dtype), w(self.o_HKD))
+                rope_pos_BL = attention_ops.arange_positions(positions_BL, B, L)
+                q_BLHW = pos_ops.apply_rope(q_BLHW, rope_pos_BL, inv_freq, mscale)
+                k_BSGW = pos_ops.apply_rope(k_BSGW, rope_pos_BL, inv_freq, mscale)
+            tokens = dict(q_positions_BQ=positions_BL, kv_positions_BK=positions_BL, q_segment_ids_BQ=segment_ids_BL,
+                          kv_segment_ids_BK=segment_ids_BL)
+        out_BLHW = sharding.constrain(attend(q_BLHW, k_BSGW, v_BSGW, self.mask, cfg, **tokens), _Q_AXES)
+        y_BLD = jnp.einsum("BLHW,HWD->BLD", out_BLHW.astype(self.dtype), w(self.o_HWD))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
-
-    def _kernel(self, q_BLHK, k_BSGK, v_BSGK, options: dict) -> jax.Array:
-        cfg = self.cfg
-        ring_ok = options.get("q_segment_ids_BQ") is None or not self.cross
-        if sequence_parallel() and ring_ok:
-            from transformer.ops.ring_attention import ring_attention_sharded
-
-            return ring_attention_sharded(
-                q_BLHK, k_BSGK, v_BSGK, sharding.current_mesh(), causal=options["causal"],
-                q_positions=options.get("q_positions_BQ"), kv_positions=options.get("kv_positions_BK"),
-                segment_ids=options.get("q_segment_ids_BQ"), sliding_window=options.get("sliding_window", 0),
-                alibi_slopes_H=options.get("alibi_slopes_H"), scale=options["scale"],
-                block_kernel=cfg.attention_kernel, block_size=cfg.attention_block_size)
-        return attention_ops.attention(q_BLHK, k_BSGK, v_BSGK, implementation=cfg.attention_kernel,
-                                       block_size=cfg.attention_block_size, **options)
 
 
 def _cross_segments(q_seg_BL, kv_seg_BS, B: int, L: int, S: int):

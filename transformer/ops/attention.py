@@ -1,16 +1,19 @@
-"""Attention kernels behind one signature: reference (einsum), blockwise (flash-style, O(N) memory), cudnn.
+"""Attention kernels behind one signature, and the one place that chooses between them.
 
-All kernels take q_BQHD, k_BKGD, v_BKGD with H a multiple of G (GQA/MQA: the H query heads are viewed as
-G x R groups, K/V are never repeated), build the mask from explicit positions / segment ids, add ALiBi,
-and keep softmax statistics in float32. `return_lse=True` also gives lse_BHQ (natural log-sum-exp of the
-scaled, biased, masked scores; -inf for fully masked rows), which ring attention uses to merge blocks.
+    attention(q_BQHW, k_BKGW, v_BKGW, mask, *, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
+              kv_segment_ids_BK, scale, implementation, block_size, return_lse) -> out_BQHW [, lse_BHQ]
 
-Blockwise memory: the forward keeps per query chunk only (m, l, acc) and one (block x block) score tile per
-head; the custom_vjp backward saves only (q, k, v, out, lse) and recomputes the tiles, with float32
-accumulators for dq (one chunk) and dk, dv (O(K)). Peak memory is O(B * (Q + K) * H * D +
-B * H * block_size^2): XLA's compiled temp memory for fwd+bwd (B=1, H=2, G=1, D=32, float32, block 512) is
-about 15 MiB at 16K tokens and 49 MiB at 64K (a single dense 64K score matrix would be 16 GiB per head).
-Fully masked (q-chunk, kv-block) tiles are skipped with lax.cond, so causal masks cost about half.
+Kernels (`KERNELS`): "reference" (einsum, any mask), "blockwise" (FlashAttention-2 style online softmax
+with a custom_vjp backward, O(Q + K) memory), "cudnn" (jax.nn.dot_product_attention on GPU), and "auto"
+(`select_kernel`). H is a multiple of G (GQA/MQA): the H query heads are viewed as G x R groups and K/V
+are never repeated. What may attend to what comes only from `mask` (an `AttentionMask`) applied to the
+explicit positions and segment ids. Softmax statistics are float32; lse_BHQ is the natural log-sum-exp of
+the scaled, biased, masked scores (-inf for a query that sees no key, whose output is 0).
+
+Blockwise memory: the forward keeps per query chunk only (m, l, acc) and one (block x block) score tile
+per head; the backward (`blockwise_grads`, which ring attention also calls for its blocks) saves only
+(q, k, v, out, lse) and recomputes the tiles, with float32 accumulators. Tiles the mask hides entirely
+are skipped with lax.cond, so causal masks cost about half.
 """
 
 from __future__ import annotations
@@ -24,82 +27,102 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn")
+from transformer.config import ATTENTION_KERNELS as KERNELS
+from transformer.config import SEQUENCE
+from transformer.ops.mask import AttentionMask
+
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def allowed_mask(q_positions_BQ, kv_positions_BK, *, causal: bool, sliding_window: int, q_segment_ids_BQ=None,
-                 kv_segment_ids_BK=None):
-    """bool B1QK: causal (kv_pos <= q_pos), sliding window (q - kv < w causal, |q - kv| < w otherwise),
-    equal segment ids."""
-    qp = q_positions_BQ[:, None, :, None]
-    kp = kv_positions_BK[:, None, None, :]
-    ok = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
-    if causal:
-        ok &= kp <= qp
-    if sliding_window:
-        diff = qp - kp
-        ok &= (diff < sliding_window) if causal else (jnp.abs(diff) < sliding_window)
+# ---------------------------------------------------------------- kernel choice
+
+
+def check_kernel_name(implementation: str) -> None:
+    if implementation not in KERNELS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose one of {', '.join(map(repr, KERNELS))}")
+
+
+def ring_size(mesh) -> int:
+    """Devices on the `sequence` axis of a mesh (or of a dict of axis sizes; 1 without either): above 1,
+    attention runs as a ring."""
+    return 1 if mesh is None else dict(getattr(mesh, "shape", mesh)).get(SEQUENCE, 1)
+
+
+def cudnn_problem(mask: AttentionMask, dtype, head_width: int, *, ring: bool = False,
+                  platform: str | None = None) -> str | None:
+    """Why cuDNN flash attention cannot run this mask, dtype and head width (inside a ring, with `ring`),
+    or None. `platform` defaults to jax.default_backend()."""
+    platform = jax.default_backend() if platform is None else platform
+    if platform != "gpu":
+        return f"it needs a GPU, but the JAX platform is {platform!r}"
+    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+        return f"it needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+    if head_width % 8 or head_width > 128:
+        return f"it needs a head width that is a multiple of 8 and <= 128, got {head_width}"
+    if mask.alibi_slopes is not None:
+        return "it cannot add ALiBi biases"
+    if mask.prefix_length:
+        return f"it has no prefix-LM mask (prefix_length={mask.prefix_length})"
+    if mask.sliding_window and (ring or not mask.causal):
+        where = "across ring blocks" if ring else "without causal masking"
+        return f"it has no sliding window {where} (sliding_window={mask.sliding_window})"
+    return None
+
+
+def _known(flag) -> bool | None:
+    """A bool flag's value, or None while it is traced (its value is only known at run time)."""
+    try:
+        return bool(flag)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def select_kernel(implementation: str, mask: AttentionMask, dtype, head_width: int, *, mesh=None,
+                  layout_ok=True, platform: str | None = None) -> str:
+    """The kernel that runs: "reference", "blockwise" or "cudnn" (per ring block when `mesh` has a
+    sequence axis > 1).
+
+    "auto" picks cudnn when `cudnn_problem` finds none and `layout_ok` (from `cudnn_layout_ok`) is not
+    False; for a traced `layout_ok` it answers "cudnn" and `attention` falls back to blockwise at run time
+    for batches whose layout is not ok. An explicit "cudnn" raises a ValueError naming the problem (outside
+    a ring it needs a layout known to be ok).
+    """
+    check_kernel_name(implementation)
+    if implementation in ("reference", "blockwise"):
+        return implementation
+    problem = cudnn_problem(mask, dtype, head_width, ring=ring_size(mesh) > 1, platform=platform)
+    if implementation == "cudnn":
+        if problem is None and _known(layout_ok) is not True:
+            problem = ("it masks by token index, and the given position ids / segment ids are not (known to be) "
+                       "arange in one segment (implementation='auto' checks them at run time)")
+        if problem is not None:
+            raise ValueError(f"implementation='cudnn' is unavailable: {problem}; "
+                             "use implementation='blockwise' or 'reference'")
+        return "cudnn"
+    return "blockwise" if problem is not None or _known(layout_ok) is False else "cudnn"
+
+
+def cudnn_layout_ok(q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
+    """Whether masking by position / segment equals cuDNN's masking by index: positions are arange plus one
+    offset per row (shared by q and kv) and every token of a row is in one segment.
+
+    Python True when all are None; otherwise a scalar bool array (traced inside jit, where `attention`
+    branches on it at run time). An unpacked causal LM batch (positions arange, one segment) is True.
+    """
+    ok = True
+    if q_positions_BQ is not None or kv_positions_BK is not None:
+        base = q_positions_BQ[:, :1] if q_positions_BQ is not None and kv_positions_BK is not None else 0
+        for positions in (q_positions_BQ, kv_positions_BK):
+            if positions is not None:
+                ok = ok & jnp.all(positions - base == jnp.arange(positions.shape[1], dtype=positions.dtype))
     if q_segment_ids_BQ is not None:
-        ok &= q_segment_ids_BQ[:, None, :, None] == kv_segment_ids_BK[:, None, None, :]
+        first = q_segment_ids_BQ[:, :1]
+        ok = ok & jnp.all(q_segment_ids_BQ == first) & jnp.all(kv_segment_ids_BK == first)
     return ok
 
 
-def _alibi_bias(slopes_GR, q_positions_BQ, kv_positions_BK):
-    """float32 B G R Q K: -slope_h * |q_pos - kv_pos|."""
-    dist_BQK = jnp.abs(q_positions_BQ[:, :, None] - kv_positions_BK[:, None, :]).astype(jnp.float32)
-    return -slopes_GR[None, :, :, None, None] * dist_BQK[:, None, None]
-
-
-# ---------------------------------------------------------------- reference
-
-
-def _reference(q_BQHD, k_BKGD, v_BKGD, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK, slopes_H, *, causal,
-               sliding_window, scale):
-    B, Q, H, D = q_BQHD.shape
-    G = k_BKGD.shape[2]
-    R = H // G
-    q_BQGRD = q_BQHD.astype(jnp.float32).reshape(B, Q, G, R, D)
-    scores_BGRQK = jnp.einsum("bqgrd,bkgd->bgrqk", q_BQGRD, k_BKGD.astype(jnp.float32)) * scale
-    if slopes_H is not None:
-        scores_BGRQK += _alibi_bias(slopes_H.astype(jnp.float32).reshape(G, R), q_pos_BQ, kv_pos_BK)
-    allowed_B11QK = allowed_mask(q_pos_BQ, kv_pos_BK, causal=causal, sliding_window=sliding_window,
-                                 q_segment_ids_BQ=q_seg_BQ, kv_segment_ids_BK=kv_seg_BK)[:, :, None]
-    scores_BGRQK = jnp.where(allowed_B11QK, scores_BGRQK, -jnp.inf)
-    max_BGRQ1 = lax.stop_gradient(scores_BGRQK.max(-1, keepdims=True))
-    max_BGRQ1 = jnp.where(jnp.isfinite(max_BGRQ1), max_BGRQ1, 0.0)
-    exp_BGRQK = jnp.exp(scores_BGRQK - max_BGRQ1)
-    sum_BGRQ1 = exp_BGRQK.sum(-1, keepdims=True)
-    nonempty = sum_BGRQ1 > 0
-    sum_BGRQ1 = jnp.where(nonempty, sum_BGRQ1, 1.0)
-    probs_BGRQK = exp_BGRQK / sum_BGRQ1
-    out_BQGRD = jnp.einsum("bgrqk,bkgd->bqgrd", probs_BGRQK, v_BKGD.astype(jnp.float32))
-    lse_BGRQ = jnp.where(nonempty, max_BGRQ1 + jnp.log(sum_BGRQ1), -jnp.inf)[..., 0]
-    return out_BQGRD.reshape(B, Q, H, -1).astype(q_BQHD.dtype), lse_BGRQ.reshape(B, H, Q)
-
-
-# ---------------------------------------------------------------- blockwise (flash-style)
-
-
-class _Spec(NamedTuple):
-    causal: bool
-    sliding_window: int
-    scale: float
-    block_q: int
-    block_k: int
-
-
-def _tile_logits(spec, q_BqGRD, k_BkGD, slopes_GR, qp_Bq, kp_Bk):
-    s_BGRqk = jnp.einsum("bqgrd,bkgd->bgrqk", q_BqGRD, k_BkGD, preferred_element_type=jnp.float32) * spec.scale
-    if slopes_GR is not None:
-        s_BGRqk += _alibi_bias(slopes_GR, qp_Bq, kp_Bk)
-    return s_BGRqk
-
-
-def _tile_mask(spec, qp_Bq, kp_Bk, qs_Bq, ks_Bk, kvalid_Bk):
-    ok_B1qk = allowed_mask(qp_Bq, kp_Bk, causal=spec.causal, sliding_window=spec.sliding_window,
-                           q_segment_ids_BQ=qs_Bq, kv_segment_ids_BK=ks_Bk)
-    return (ok_B1qk & kvalid_Bk[:, None, None, :])[:, :, None]  # B11qk
+# ---------------------------------------------------------------- shared pieces
 
 
 def full_like_inputs(shape, fill_value, *like, dtype=jnp.float32):
@@ -113,6 +136,50 @@ def full_like_inputs(shape, fill_value, *like, dtype=jnp.float32):
     return out
 
 
+def _logits_BGRQK(mask, scale, q_BQGRW, k_BKGW, q_positions_BQ, kv_positions_BK):
+    """Scaled float32 scores plus the mask's ALiBi bias (masking is applied by the caller)."""
+    scores_BGRQK = jnp.einsum("bqgrw,bkgw->bgrqk", q_BQGRW, k_BKGW, preferred_element_type=jnp.float32) * scale
+    bias_BHQK = mask.alibi_bias_BHQK(q_positions_BQ, kv_positions_BK)
+    if bias_BHQK is not None:
+        scores_BGRQK += bias_BHQK.reshape(scores_BGRQK.shape)
+    return scores_BGRQK
+
+
+def _row_stats(max_BGRQ, sum_BGRQ):
+    """(sum with empty rows set to 1, lse with empty rows -inf) from a row max and a sum of exponentials."""
+    nonempty = sum_BGRQ > 0
+    safe_sum = jnp.where(nonempty, sum_BGRQ, 1.0)
+    lse = jnp.where(nonempty, jnp.where(jnp.isfinite(max_BGRQ), max_BGRQ, 0.0) + jnp.log(safe_sum), -jnp.inf)
+    return safe_sum, lse
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _reference(mask, scale, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK):
+    B, Q, H, W = q_BQHW.shape
+    G = k_BKGW.shape[2]
+    q_BQGRW = q_BQHW.astype(jnp.float32).reshape(B, Q, G, H // G, W)
+    scores_BGRQK = _logits_BGRQK(mask, scale, q_BQGRW, k_BKGW.astype(jnp.float32), q_pos_BQ, kv_pos_BK)
+    allowed_B11QK = mask.allowed(q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK)[:, None, None]
+    scores_BGRQK = jnp.where(allowed_B11QK, scores_BGRQK, -jnp.inf)
+    max_BGRQ = lax.stop_gradient(scores_BGRQK.max(-1))
+    exp_BGRQK = jnp.exp(scores_BGRQK - jnp.where(jnp.isfinite(max_BGRQ), max_BGRQ, 0.0)[..., None])
+    sum_BGRQ, lse_BGRQ = _row_stats(max_BGRQ, exp_BGRQK.sum(-1))
+    out_BQGRW = jnp.einsum("bgrqk,bkgw->bqgrw", exp_BGRQK / sum_BGRQ[..., None], v_BKGW.astype(jnp.float32))
+    return out_BQGRW.reshape(B, Q, H, -1).astype(q_BQHW.dtype), lse_BGRQ.reshape(B, H, Q)
+
+
+# ---------------------------------------------------------------- blockwise (flash-style)
+
+
+class _Spec(NamedTuple):
+    mask: AttentionMask
+    scale: float
+    block_q: int
+    block_k: int
+
+
 def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis)
 
@@ -121,121 +188,123 @@ def _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carr
     """`update(carry, kp_Bk, ok_B11qk)` for kv block j of a q chunk, skipped when the mask hides the whole tile."""
     bk = spec.block_k
     kp_Bk, ks_Bk = _slice(kp_BK, j * bk, bk), _slice(ks_BK, j * bk, bk)
-    ok_B11qk = _tile_mask(spec, qp_Bq, kp_Bk, qs_Bq, ks_Bk, _slice(kvalid_BK, j * bk, bk))
+    ok_Bqk = spec.mask.allowed(qp_Bq, kp_Bk, qs_Bq, ks_Bk) & _slice(kvalid_BK, j * bk, bk)[:, None, :]
+    ok_B11qk = ok_Bqk[:, None, None]
     return lax.cond(ok_B11qk.any(), lambda c: update(c, kp_Bk, ok_B11qk), lambda c: c, carry)
 
 
-def _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H):
+def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK):
     # Tie the mask inputs to q: inside a differentiated lax.scan (the model's layer scan) jax hoists work that
     # depends only on loop constants (positions, segment ids) out of the loop, which would store every
     # (q-chunk, kv-block) mask tile: quadratic memory.
-    q_BQHD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H = lax.optimization_barrier(
-        (q_BQHD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H))
-    B, Qp, H, D = q_BQHD.shape
-    Kp, G = k_BKGD.shape[1], k_BKGD.shape[2]
-    R, Dv = H // G, v_BKGD.shape[-1]
+    q_BQHW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK = lax.optimization_barrier(
+        (q_BQHW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK))
+    B, Qp, H, W = q_BQHW.shape
+    Kp, G = k_BKGW.shape[1], k_BKGW.shape[2]
+    R, Wv = H // G, v_BKGW.shape[-1]
     bq, bk = spec.block_q, spec.block_k
-    slopes_GR = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(G, R)
-    q_BQGRD = q_BQHD.reshape(B, Qp, G, R, D)
-    inputs = (q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H)
+    q_BQGRW = q_BQHW.reshape(B, Qp, G, R, W)
+    inputs = (q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK)
 
     def q_chunk(i):
-        q_BqGRD = _slice(q_BQGRD, i * bq, bq)
+        q_BqGRW = _slice(q_BQGRW, i * bq, bq)
         qp_Bq, qs_Bq = _slice(qp_BQ, i * bq, bq), _slice(qs_BQ, i * bq, bq)
 
         def kv_step(carry, j):
             def update(carry, kp_Bk, ok_B11qk):
-                m_BGRq, l_BGRq, acc_BGRqD = carry
-                k_BkGD, v_BkGD = _slice(k_BKGD, j * bk, bk), _slice(v_BKGD, j * bk, bk)
-                s_BGRqk = _tile_logits(spec, q_BqGRD, k_BkGD, slopes_GR, qp_Bq, kp_Bk)
+                m_BGRq, l_BGRq, acc_BGRqW = carry
+                k_BkGW, v_BkGW = _slice(k_BKGW, j * bk, bk), _slice(v_BKGW, j * bk, bk)
+                s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk)
                 s_BGRqk = jnp.where(ok_B11qk, s_BGRqk, -jnp.inf)
                 m_new = jnp.maximum(m_BGRq, s_BGRqk.max(-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 corr_BGRq = jnp.exp(m_BGRq - m_safe)
                 p_BGRqk = jnp.exp(s_BGRqk - m_safe[..., None])
                 l_BGRq = l_BGRq * corr_BGRq + p_BGRqk.sum(-1)
-                pv_BGRqD = jnp.einsum("bgrqk,bkgd->bgrqd", p_BGRqk.astype(v_BkGD.dtype), v_BkGD,
+                pv_BGRqW = jnp.einsum("bgrqk,bkgw->bgrqw", p_BGRqk.astype(v_BkGW.dtype), v_BkGW,
                                       preferred_element_type=jnp.float32)
-                return m_new, l_BGRq, acc_BGRqD * corr_BGRq[..., None] + pv_BGRqD
+                return m_new, l_BGRq, acc_BGRqW * corr_BGRq[..., None] + pv_BGRqW
 
             return _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry), None
 
         init = (full_like_inputs((B, G, R, bq), -jnp.inf, *inputs), full_like_inputs((B, G, R, bq), 0.0, *inputs),
-                full_like_inputs((B, G, R, bq, Dv), 0.0, *inputs))
-        (m_BGRq, l_BGRq, acc_BGRqD), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
-        nonempty = l_BGRq > 0
-        l_safe = jnp.where(nonempty, l_BGRq, 1.0)
-        out_BqHD = jnp.einsum("bgrqd->bqgrd", acc_BGRqD / l_safe[..., None]).reshape(B, bq, H, Dv)
-        lse_BHq = jnp.where(nonempty, jnp.where(jnp.isfinite(m_BGRq), m_BGRq, 0.0) + jnp.log(l_safe), -jnp.inf)
-        return out_BqHD.astype(q_BQHD.dtype), lse_BHq.reshape(B, H, bq)
+                full_like_inputs((B, G, R, bq, Wv), 0.0, *inputs))
+        (m_BGRq, l_BGRq, acc_BGRqW), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
+        l_safe, lse_BGRq = _row_stats(m_BGRq, l_BGRq)
+        out_BqHW = jnp.einsum("bgrqw->bqgrw", acc_BGRqW / l_safe[..., None]).reshape(B, bq, H, Wv)
+        return out_BqHW.astype(q_BQHW.dtype), lse_BGRq.reshape(B, H, bq)
 
-    out_nBqHD, lse_nBHq = lax.map(q_chunk, jnp.arange(Qp // bq))
-    out_BQHD = jnp.moveaxis(out_nBqHD, 0, 1).reshape(B, Qp, H, Dv)
+    out_nBqHW, lse_nBHq = lax.map(q_chunk, jnp.arange(Qp // bq))
+    out_BQHW = jnp.moveaxis(out_nBqHW, 0, 1).reshape(B, Qp, H, Wv)
     lse_BHQ = jnp.moveaxis(lse_nBHq, 0, 2).reshape(B, H, Qp)
-    return out_BQHD, lse_BHQ
+    return out_BQHW, lse_BHQ
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H):
-    return _flash_fwd_impl(spec, q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H)
-
-
-def _flash_fwd(spec, *args):
-    out_BQHD, lse_BHQ = _flash_fwd_impl(spec, *args)
-    return (out_BQHD, lse_BHQ), (args, out_BQHD, lse_BHQ)
-
-
-def _flash_bwd(spec, residuals, cotangents):
-    (q_BQHD, k_BKGD, v_BKGD, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, slopes_H), out_BQHD, lse_BHQ = residuals
-    dout_BQHD, dlse_BHQ = cotangents
-    B, Qp, H, D = q_BQHD.shape
-    Kp, G = k_BKGD.shape[1], k_BKGD.shape[2]
-    R, Dv = H // G, v_BKGD.shape[-1]
+def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, dout_BQHW, lse_BHQ,
+                 dsoft_BHQ):
+    """float32 (dq, dk, dv), FlashAttention-2 style, from the rows' softmax statistics: lse and
+    dsoft = d(loss)/d(lse) - sum(dout * out). A row with lse = +inf contributes nothing (padding)."""
+    B, Qp, H, W = q_BQHW.shape
+    Kp, G = k_BKGW.shape[1], k_BKGW.shape[2]
+    R, Wv = H // G, v_BKGW.shape[-1]
     bq, bk = spec.block_q, spec.block_k
-    slopes_GR = None if slopes_H is None else slopes_H.astype(jnp.float32).reshape(G, R)
-    q_BQGRD = q_BQHD.reshape(B, Qp, G, R, D)
-    dout_BQGRD = dout_BQHD.reshape(B, Qp, G, R, Dv)
-    delta_BGRQ = jnp.einsum("bqhd,bqhd->bhq", dout_BQHD.astype(jnp.float32),
-                            out_BQHD.astype(jnp.float32)).reshape(B, G, R, Qp)
+    q_BQGRW = q_BQHW.reshape(B, Qp, G, R, W)
+    dout_BQGRW = dout_BQHW.reshape(B, Qp, G, R, Wv)
     lse_BGRQ = lse_BHQ.reshape(B, G, R, Qp)
-    lse_BGRQ = jnp.where(jnp.isfinite(lse_BGRQ), lse_BGRQ, 0.0)
-    dlse_BGRQ = dlse_BHQ.astype(jnp.float32).reshape(B, G, R, Qp)
-    inputs = (*residuals[0], out_BQHD, lse_BHQ, dout_BQHD, dlse_BHQ)
+    lse_BGRQ = jnp.where(lse_BGRQ == -jnp.inf, 0.0, lse_BGRQ)
+    dsoft_BGRQ = dsoft_BHQ.astype(jnp.float32).reshape(B, G, R, Qp)
+    inputs = (q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, dout_BQHW, lse_BHQ, dsoft_BHQ)
 
     def q_chunk(dkv, i):
-        q_BqGRD, dout_BqGRD = _slice(q_BQGRD, i * bq, bq), _slice(dout_BQGRD, i * bq, bq)
+        q_BqGRW, dout_BqGRW = _slice(q_BQGRW, i * bq, bq), _slice(dout_BQGRW, i * bq, bq)
         qp_Bq, qs_Bq = _slice(qp_BQ, i * bq, bq), _slice(qs_BQ, i * bq, bq)
-        lse_BGRq = _slice(lse_BGRQ, i * bq, bq, axis=3)
-        dsoft_BGRq = _slice(dlse_BGRQ, i * bq, bq, axis=3) - _slice(delta_BGRQ, i * bq, bq, axis=3)
+        lse_BGRq, dsoft_BGRq = _slice(lse_BGRQ, i * bq, bq, axis=3), _slice(dsoft_BGRQ, i * bq, bq, axis=3)
 
         def kv_step(carry, j):
             def update(carry, kp_Bk, ok_B11qk):
-                dq_BqGRD, dk_BKGD, dv_BKGD = carry
-                k_BkGD, v_BkGD = _slice(k_BKGD, j * bk, bk), _slice(v_BKGD, j * bk, bk)
-                s_BGRqk = _tile_logits(spec, q_BqGRD, k_BkGD, slopes_GR, qp_Bq, kp_Bk)
+                dq_BqGRW, dk_BKGW, dv_BKGW = carry
+                k_BkGW, v_BkGW = _slice(k_BKGW, j * bk, bk), _slice(v_BKGW, j * bk, bk)
+                s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk)
                 p_BGRqk = jnp.exp(jnp.where(ok_B11qk, s_BGRqk, -jnp.inf) - lse_BGRq[..., None])
-                dv_BkGD = jnp.einsum("bgrqk,bqgrd->bkgd", p_BGRqk.astype(dout_BqGRD.dtype), dout_BqGRD,
+                dv_BkGW = jnp.einsum("bgrqk,bqgrw->bkgw", p_BGRqk.astype(dout_BqGRW.dtype), dout_BqGRW,
                                      preferred_element_type=jnp.float32)
-                dp_BGRqk = jnp.einsum("bqgrd,bkgd->bgrqk", dout_BqGRD, v_BkGD, preferred_element_type=jnp.float32)
-                ds_BGRqk = p_BGRqk * (dp_BGRqk + dsoft_BGRq[..., None]) * spec.scale
-                ds_BGRqk = ds_BGRqk.astype(q_BqGRD.dtype)
-                dq_BqGRD = dq_BqGRD + jnp.einsum("bgrqk,bkgd->bqgrd", ds_BGRqk, k_BkGD,
+                dp_BGRqk = jnp.einsum("bqgrw,bkgw->bgrqk", dout_BqGRW, v_BkGW, preferred_element_type=jnp.float32)
+                ds_BGRqk = (p_BGRqk * (dp_BGRqk + dsoft_BGRq[..., None]) * spec.scale).astype(q_BqGRW.dtype)
+                dq_BqGRW = dq_BqGRW + jnp.einsum("bgrqk,bkgw->bqgrw", ds_BGRqk, k_BkGW,
                                                  preferred_element_type=jnp.float32)
-                dk_BkGD = jnp.einsum("bgrqk,bqgrd->bkgd", ds_BGRqk, q_BqGRD, preferred_element_type=jnp.float32)
-                dk_BKGD = lax.dynamic_update_slice_in_dim(dk_BKGD, _slice(dk_BKGD, j * bk, bk) + dk_BkGD, j * bk, 1)
-                dv_BKGD = lax.dynamic_update_slice_in_dim(dv_BKGD, _slice(dv_BKGD, j * bk, bk) + dv_BkGD, j * bk, 1)
-                return dq_BqGRD, dk_BKGD, dv_BKGD
+                dk_BkGW = jnp.einsum("bgrqk,bqgrw->bkgw", ds_BGRqk, q_BqGRW, preferred_element_type=jnp.float32)
+                dk_BKGW = lax.dynamic_update_slice_in_dim(dk_BKGW, _slice(dk_BKGW, j * bk, bk) + dk_BkGW, j * bk, 1)
+                dv_BKGW = lax.dynamic_update_slice_in_dim(dv_BKGW, _slice(dv_BKGW, j * bk, bk) + dv_BkGW, j * bk, 1)
+                return dq_BqGRW, dk_BKGW, dv_BKGW
 
             return _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry), None
 
-        init = (full_like_inputs((B, bq, G, R, D), 0.0, *inputs), *dkv)
-        (dq_BqGRD, dk_BKGD, dv_BKGD), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
-        return (dk_BKGD, dv_BKGD), dq_BqGRD.reshape(B, bq, H, D).astype(q_BQHD.dtype)
+        init = (full_like_inputs((B, bq, G, R, W), 0.0, *inputs), *dkv)
+        (dq_BqGRW, dk_BKGW, dv_BKGW), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
+        return (dk_BKGW, dv_BKGW), dq_BqGRW.reshape(B, bq, H, W)
 
-    dkv_init = (full_like_inputs((B, Kp, G, D), 0.0, *inputs), full_like_inputs((B, Kp, G, Dv), 0.0, *inputs))
-    (dk_BKGD, dv_BKGD), dq_nBqHD = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
-    dq_BQHD = jnp.moveaxis(dq_nBqHD, 0, 1).reshape(B, Qp, H, D)
-    return (dq_BQHD, dk_BKGD.astype(k_BKGD.dtype), dv_BKGD.astype(v_BKGD.dtype), None, None, None, None, None, None)
+    dkv_init = (full_like_inputs((B, Kp, G, W), 0.0, *inputs), full_like_inputs((B, Kp, G, Wv), 0.0, *inputs))
+    (dk_BKGW, dv_BKGW), dq_nBqHW = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
+    return jnp.moveaxis(dq_nBqHW, 0, 1).reshape(B, Qp, H, W), dk_BKGW, dv_BKGW
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK):
+    return _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK)
+
+
+def _flash_fwd(spec, *args):
+    out_BQHW, lse_BHQ = _flash_fwd_impl(spec, *args)
+    return (out_BQHW, lse_BHQ), (args, out_BQHW, lse_BHQ)
+
+
+def _flash_bwd(spec, residuals, cotangents):
+    args, out_BQHW, lse_BHQ = residuals
+    dout_BQHW, dlse_BHQ = cotangents
+    delta_BHQ = jnp.einsum("bqhw,bqhw->bhq", dout_BQHW.astype(jnp.float32), out_BQHW.astype(jnp.float32))
+    dq, dk, dv = _flash_grads(spec, *args, dout_BQHW, lse_BHQ, dlse_BHQ.astype(jnp.float32) - delta_BHQ)
+    q_BQHW, k_BKGW, v_BKGW = args[:3]
+    return (dq.astype(q_BQHW.dtype), dk.astype(k_BKGW.dtype), dv.astype(v_BKGW.dtype)) + (None,) * 5
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -249,109 +318,66 @@ def _pad_to(x, length, value, axis=1):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _blockwise(q_BQHD, k_BKGD, v_BKGD, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK, slopes_H, *, causal,
-               sliding_window, scale, block_size):
-    B, Q = q_BQHD.shape[:2]
-    K = k_BKGD.shape[1]
+def _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK):
+    """(spec, padded kernel inputs): lengths padded up to whole blocks; padded keys are marked invalid."""
+    B, Q = q_BQHW.shape[:2]
+    K = k_BKGW.shape[1]
     bq, bk = min(block_size, Q), min(block_size, K)
     Qp, Kp = -(-Q // bq) * bq, -(-K // bk) * bk
     kvalid_BK = _pad_to(jnp.ones((B, K), bool), Kp, False)
-    spec = _Spec(bool(causal), int(sliding_window), float(scale), bq, bk)
-    out_BQHD, lse_BHQ = _flash(spec, _pad_to(q_BQHD, Qp, 0), _pad_to(k_BKGD, Kp, 0), _pad_to(v_BKGD, Kp, 0),
-                               _pad_to(q_pos_BQ, Qp, 0), _pad_to(kv_pos_BK, Kp, 0), _pad_to(q_seg_BQ, Qp, 0),
-                               _pad_to(kv_seg_BK, Kp, 0), kvalid_BK, slopes_H)
-    return out_BQHD[:, :Q], lse_BHQ[:, :, :Q]
+    args = (_pad_to(q_BQHW, Qp, 0), _pad_to(k_BKGW, Kp, 0), _pad_to(v_BKGW, Kp, 0), _pad_to(q_pos_BQ, Qp, 0),
+            _pad_to(kv_pos_BK, Kp, 0), _pad_to(q_seg_BQ, Qp, 0), _pad_to(kv_seg_BK, Kp, 0), kvalid_BK)
+    return _Spec(mask, float(scale), bq, bk), args
+
+
+def _blockwise(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, *tokens):
+    Q = q_BQHW.shape[1]
+    spec, args = _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, *tokens)
+    out_BQHW, lse_BHQ = _flash(spec, *args)
+    return out_BQHW[:, :Q], lse_BHQ[:, :, :Q]
+
+
+def blockwise_grads(q_BQHW, k_BKGW, v_BKGW, dout_BQHW, lse_BHQ, dsoft_BHQ, mask: AttentionMask, *,
+                    q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale: float,
+                    block_size: int = 512):
+    """float32 (dq_BQHW, dk_BKGW, dv_BKGW) of attention over these keys, given each query row's softmax
+    statistics over *all* of its keys (which may include keys elsewhere, as in ring attention): lse_BHQ
+    and dsoft_BHQ = d(loss)/d(lse) - sum(dout * out)."""
+    Q, K = q_BQHW.shape[1], k_BKGW.shape[1]
+    spec, args = _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, q_positions_BQ,
+                                  kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK)
+    Qp = args[0].shape[1]
+    dq, dk, dv = _flash_grads(spec, *args, _pad_to(dout_BQHW, Qp, 0), _pad_to(lse_BHQ, Qp, jnp.inf, axis=2),
+                              _pad_to(dsoft_BHQ, Qp, 0, axis=2))
+    return dq[:, :Q], dk[:, :K], dv[:, :K]
 
 
 # ---------------------------------------------------------------- cudnn
 
 
-def cudnn_layout_ok(q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
-    """Whether the position / segment mask equals cuDNN's index-based one: positions are arange plus one
-    offset per row (shared by q and kv) and every q and kv token of a row is in the same segment.
+def cudnn_attention(q_BQHW, k_BKGW, v_BKGW, *, causal: bool, sliding_window: int = 0, scale: float,
+                    return_lse: bool = False):
+    """cuDNN flash attention masked by token index; with return_lse, (out, float32 lse_BHQ).
 
-    Python True when all are None; otherwise a scalar bool array (traced inside jit, where `attention`
-    branches on it at run time). An unpacked causal LM batch (positions arange, segment ids all equal) is True.
-    """
-    ok = True
-    if q_positions_BQ is not None or kv_positions_BK is not None:
-        q_pos, kv_pos = q_positions_BQ, kv_positions_BK
-        base = q_pos[:, :1] if q_pos is not None and kv_pos is not None else 0  # a missing side is arange
-        for pos in (q_pos, kv_pos):
-            if pos is not None:
-                ok = ok & jnp.all(pos - base == jnp.arange(pos.shape[1], dtype=pos.dtype))
-    if q_segment_ids_BQ is not None:
-        first = q_segment_ids_BQ[:, :1]
-        ok = ok & jnp.all(q_segment_ids_BQ == first) & jnp.all(kv_segment_ids_BK == first)
-    return ok
-
-
-def cudnn_unsupported(q_BQHD, k_BKGD, v_BKGD, *, causal, sliding_window=0, alibi_slopes_H=None,
-                      platform=None) -> str | None:
-    """Why jax.nn.dot_product_attention(implementation='cudnn') cannot run these options, or None.
-    `platform` defaults to jax.default_backend(); positions and segment ids are judged by `cudnn_layout_ok`."""
-    platform = jax.default_backend() if platform is None else platform
-    if platform != "gpu":
-        return f"it needs a GPU, but the JAX platform is {platform!r}"
-    if jnp.dtype(q_BQHD.dtype) not in _CUDNN_DTYPES:
-        return f"it needs bfloat16 or float16 inputs, got {q_BQHD.dtype}"
-    if not q_BQHD.dtype == k_BKGD.dtype == v_BKGD.dtype:
-        return f"q, k, v dtypes differ ({q_BQHD.dtype}, {k_BKGD.dtype}, {v_BKGD.dtype})"
-    if alibi_slopes_H is not None:
-        return "it cannot add ALiBi biases (alibi_slopes_H)"
-    if sliding_window and not causal:
-        return f"it has no bidirectional sliding window (sliding_window={sliding_window}, causal=False)"
-    return None
-
-
-def _known(flag) -> bool | None:
-    """A bool flag's value, or None while it is traced (its value is only known at run time)."""
-    try:
-        return bool(flag)
-    except jax.errors.ConcretizationTypeError:
-        return None
-
-
-def choose_implementation(implementation, q_BQHD, k_BKGD, v_BKGD, *, causal=True, sliding_window=0,
-                          alibi_slopes_H=None, layout_ok=True, platform=None) -> str:
-    """The kernel `attention` runs: "reference", "blockwise" or "cudnn".
-
-    "auto" picks cudnn when `cudnn_unsupported` finds no problem, the head dim is a multiple of 8 up to 128
-    and `layout_ok` (from `cudnn_layout_ok`) is not False; for a traced `layout_ok` it answers "cudnn" and
-    `attention` falls back to blockwise at run time when the actual layout is not ok. An explicit "cudnn"
-    raises a ValueError naming the problem (it needs a layout known to be ok). `platform` defaults to
-    jax.default_backend().
-    """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
-    if implementation in ("reference", "blockwise"):
-        return implementation
-    problem = cudnn_unsupported(q_BQHD, k_BKGD, v_BKGD, causal=causal, sliding_window=sliding_window,
-                                alibi_slopes_H=alibi_slopes_H, platform=platform)
-    if implementation == "cudnn":
-        if problem is None and _known(layout_ok) is not True:
-            problem = ("it masks by token index, and the given position ids / segment ids are not (known to be) "
-                       "arange in one segment (implementation='auto' checks them at run time)")
-        if problem is not None:
-            raise ValueError(f"implementation='cudnn' is unavailable: {problem}; "
-                             "use implementation='blockwise' or 'reference'")
-        return "cudnn"
-    D = q_BQHD.shape[-1]
-    if problem is not None or D % 8 or D > 128:
-        return "blockwise"
-    return "blockwise" if _known(layout_ok) is False else "cudnn"
-
-
-def _cudnn(q_BQHD, k_BKGD, v_BKGD, *, causal, sliding_window, scale, return_lse):
+    jax.nn.dot_product_attention(return_residual=True) rounds the statistics to q's dtype (a bf16 lse,
+    spacing 1/16 near 10, would put ~1% errors into a ring's block merge), so jax's cuDNN wrapper is called
+    directly for its float32 statistics when it is importable."""
     local = (sliding_window - 1, 0) if sliding_window else None
-    result = jax.nn.dot_product_attention(q_BQHD, k_BKGD, v_BKGD, scale=scale, is_causal=causal,
-                                          local_window_size=local, implementation="cudnn",
-                                          return_residual=return_lse)
     if not return_lse:
-        return result, None
-    out_BQHD, lse_BQH = result
-    return out_BQHD, jnp.swapaxes(lse_BQH, 1, 2).astype(jnp.float32)
+        return jax.nn.dot_product_attention(q_BQHW, k_BKGW, v_BKGW, scale=scale, is_causal=causal,
+                                            local_window_size=local, implementation="cudnn")
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+        mask_type = fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK
+        out_BQHW, lse_BHQ = fused.dot_product_attention(q_BQHW, k_BKGW, v_BKGW, scale=scale, mask_type=mask_type,
+                                                        sliding_window_length=sliding_window or None,
+                                                        return_residual=True)
+    except (ImportError, AttributeError, TypeError):
+        out_BQHW, lse_BQH = jax.nn.dot_product_attention(q_BQHW, k_BKGW, v_BKGW, scale=scale, is_causal=causal,
+                                                         local_window_size=local, implementation="cudnn",
+                                                         return_residual=True)
+        lse_BHQ = jnp.swapaxes(lse_BQH, 1, 2)
+    return out_BQHW, lse_BHQ.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- entry point
@@ -362,82 +388,84 @@ def _check_shape(name, x, expected):
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)}")
 
 
-def _validate(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sliding_window, slopes, scale, implementation, block_size):
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
-    for name, x in (("q_BQHD", q), ("k_BKGD", k), ("v_BKGD", v)):
+def check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None,
+                 kv_segment_ids_BK=None, *, scale=None, block_size=512) -> None:
+    """ValueError, naming the bad value and what would be valid, for any input no kernel can run."""
+    if not isinstance(mask, AttentionMask):
+        raise ValueError(f"mask must be an AttentionMask, got {type(mask).__name__}")
+    for name, x in (("q_BQHW", q_BQHW), ("k_BKGW", k_BKGW), ("v_BKGW", v_BKGW)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D, got shape {tuple(x.shape)}")
-    B, Q, H, D = q.shape
-    _, K, G, _ = k.shape
+    B, Q, H, W = q_BQHW.shape
+    _, K, G, _ = k_BKGW.shape
     if Q == 0 or K == 0:
         raise ValueError(f"empty sequence: q length {Q}, kv length {K}; both must be > 0")
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[3] != D:
-        raise ValueError(f"head dims differ: q has {D}, k has {k.shape[3]}")
-    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"v shape {tuple(v.shape)} must match k shape {tuple(k.shape)} in (B, K, G)")
+    if k_BKGW.shape[0] != B or v_BKGW.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k_BKGW.shape[0]}, v {v_BKGW.shape[0]}")
+    if k_BKGW.shape[3] != W:
+        raise ValueError(f"head widths differ: q has {W}, k has {k_BKGW.shape[3]}")
+    if tuple(v_BKGW.shape[:3]) != tuple(k_BKGW.shape[:3]):
+        raise ValueError(f"v shape {tuple(v_BKGW.shape)} must match k shape {tuple(k_BKGW.shape)} in (B, K, G)")
     if G == 0 or H % G:
         raise ValueError(f"query heads H={H} must be a multiple of kv heads G={G} (GQA/MQA)")
-    _check_shape("q_positions_BQ", q_pos, (B, Q))
-    _check_shape("kv_positions_BK", kv_pos, (B, K))
-    if (q_seg is None) != (kv_seg is None):
+    mask.check_heads(H)
+    _check_shape("q_positions_BQ", q_positions_BQ, (B, Q))
+    _check_shape("kv_positions_BK", kv_positions_BK, (B, K))
+    if (q_segment_ids_BQ is None) != (kv_segment_ids_BK is None):
         raise ValueError("give both q_segment_ids_BQ and kv_segment_ids_BK, or neither")
-    _check_shape("q_segment_ids_BQ", q_seg, (B, Q))
-    _check_shape("kv_segment_ids_BK", kv_seg, (B, K))
-    if slopes is not None and tuple(jnp.shape(slopes)) != (H,):
-        raise ValueError(f"alibi_slopes_H has shape {tuple(jnp.shape(slopes))}; expected ({H},)")
-    if not isinstance(sliding_window, (int, np.integer)) or sliding_window < 0:
-        raise ValueError(f"sliding_window={sliding_window!r} must be an integer >= 0 (0: no window)")
-    if not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+    _check_shape("q_segment_ids_BQ", q_segment_ids_BQ, (B, Q))
+    _check_shape("kv_segment_ids_BK", kv_segment_ids_BK, (B, K))
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
     if scale is not None and not isinstance(scale, (int, float, np.number)):
-        raise ValueError(f"scale={scale!r} must be a static Python number (or None for 1/sqrt(head dim))")
+        raise ValueError(f"scale={scale!r} must be a static Python number (or None for 1/sqrt(head width))")
 
 
-def attention(q_BQHD, k_BKGD, v_BKGD, *, causal=True, q_positions_BQ=None, kv_positions_BK=None,
-              q_segment_ids_BQ=None, kv_segment_ids_BK=None, sliding_window=0, alibi_slopes_H=None, scale=None,
-              implementation="auto", block_size=512, return_lse=False):
-    """Scaled dot-product attention; returns out_BQHD, or (out_BQHD, lse_BHQ float32) with return_lse.
+def arange_positions(positions, batch: int, length: int):
+    """int32 (batch, length) positions: arange for None; (length,) broadcast over the batch."""
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    positions = jnp.asarray(positions)
+    if positions.shape == (length,):
+        positions = jnp.broadcast_to(positions, (batch, length))
+    return positions.astype(jnp.int32)
 
-    Positions default to arange; scale to 1/sqrt(D). Fully masked query rows give out 0 and lse -inf.
-    implementation: "reference" | "blockwise" | "cudnn" | "auto" (`choose_implementation`: cudnn on GPU when
-    the options allow it, else blockwise; with explicit positions / segment ids, cudnn for rows whose layout
-    `cudnn_layout_ok` accepts, decided at run time, so unpacked training batches use cuDNN).
+
+def attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=None, kv_positions_BK=None,
+              q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale=None, implementation="auto", block_size=512,
+              return_lse=False):
+    """Scaled dot-product attention; returns out_BQHW, or (out_BQHW, lse_BHQ float32) with return_lse.
+
+    Positions default to arange, scale to 1/sqrt(W). `implementation` goes through `select_kernel`: "auto"
+    runs cuDNN on GPU when the mask allows it and, for batches with explicit positions / segment ids,
+    only for those whose layout `cudnn_layout_ok` accepts (decided at run time), else blockwise.
     """
-    _validate(q_BQHD, k_BKGD, v_BKGD, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK,
-              sliding_window, alibi_slopes_H, scale, implementation, block_size)
-    B, Q, H, D = q_BQHD.shape
-    K = k_BKGD.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    layout_ok = True
-    if implementation in ("cudnn", "auto"):
-        layout_ok = cudnn_layout_ok(q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK)
-    chosen = choose_implementation(implementation, q_BQHD, k_BKGD, v_BKGD, causal=causal,
-                                   sliding_window=sliding_window, alibi_slopes_H=alibi_slopes_H, layout_ok=layout_ok)
+    check_kernel_name(implementation)
+    check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK,
+                 scale=scale, block_size=block_size)
+    B, Q, H, W = q_BQHW.shape
+    K = k_BKGW.shape[1]
+    scale = 1.0 / math.sqrt(W) if scale is None else float(scale)
+    tokens = (q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK)
+    layout_ok = cudnn_layout_ok(*tokens) if implementation in ("cudnn", "auto") else True
+    chosen = select_kernel(implementation, mask, q_BQHW.dtype, W, layout_ok=layout_ok)
     if chosen == "cudnn":
         def cudnn(q, k, v):
-            out, lse = _cudnn(q, k, v, causal=causal, sliding_window=sliding_window, scale=scale,
-                              return_lse=return_lse)
-            return (out, lse) if return_lse else out
+            return cudnn_attention(q, k, v, causal=mask.causal, sliding_window=mask.sliding_window, scale=scale,
+                                   return_lse=return_lse)
 
         if _known(layout_ok):
-            return cudnn(q_BQHD, k_BKGD, v_BKGD)
-        blockwise = functools.partial(
-            attention, causal=causal, q_positions_BQ=q_positions_BQ, kv_positions_BK=kv_positions_BK,
-            q_segment_ids_BQ=q_segment_ids_BQ, kv_segment_ids_BK=kv_segment_ids_BK, sliding_window=sliding_window,
-            scale=scale, implementation="blockwise", block_size=block_size, return_lse=return_lse)
-        return lax.cond(layout_ok, cudnn, blockwise, q_BQHD, k_BKGD, v_BKGD)
+            return cudnn(q_BQHW, k_BKGW, v_BKGW)
+        blockwise = functools.partial(attention, mask=mask, q_positions_BQ=q_positions_BQ,
+                                      kv_positions_BK=kv_positions_BK, q_segment_ids_BQ=q_segment_ids_BQ,
+                                      kv_segment_ids_BK=kv_segment_ids_BK, scale=scale, implementation="blockwise",
+                                      block_size=block_size, return_lse=return_lse)
+        return lax.cond(layout_ok, cudnn, blockwise, q_BQHW, k_BKGW, v_BKGW)
 
-    q_pos_BQ = jnp.broadcast_to(jnp.arange(Q, dtype=jnp.int32), (B, Q)) if q_positions_BQ is None else q_positions_BQ
-    kv_pos_BK = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, K)) if kv_positions_BK is None else kv_positions_BK
-    slopes_H = None if alibi_slopes_H is None else jnp.asarray(alibi_slopes_H, jnp.float32)
-    args = (q_BQHD, k_BKGD, v_BKGD, q_pos_BQ, kv_pos_BK, q_segment_ids_BQ, kv_segment_ids_BK, slopes_H)
+    args = (q_BQHW, k_BKGW, v_BKGW, arange_positions(q_positions_BQ, B, Q), arange_positions(kv_positions_BK, B, K),
+            q_segment_ids_BQ, kv_segment_ids_BK)
     if chosen == "reference":
-        out_BQHD, lse_BHQ = _reference(*args, causal=causal, sliding_window=sliding_window, scale=scale)
+        out_BQHW, lse_BHQ = _reference(mask, scale, *args)
     else:
-        out_BQHD, lse_BHQ = _blockwise(*args, causal=causal, sliding_window=sliding_window, scale=scale,
-                                       block_size=block_size)
-    return (out_BQHD, lse_BHQ) if return_lse else out_BQHD
+        out_BQHW, lse_BHQ = _blockwise(mask, scale, block_size, *args)
+    return (out_BQHW, lse_BHQ) if return_lse else out_BQHW
