@@ -8,51 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.ops.attention import (IMPLEMENTATIONS, allowed_mask, attention, choose_implementation,
-                                       cudnn_layout_ok)
+from attention_oracle import np_attention
+from transformer.ops.attention import KERNELS, attention, cudnn_layout_ok, select_kernel
+from transformer.ops.mask import AttentionMask
 from transformer.ops.positions import alibi_slopes
 
 BLOCK = 8  # lengths below are not multiples of it, so padding and several blocks are always exercised
 # tiny test programs: skip LLVM optimisation, compile time dominates on the shared CPU
 jit = functools.partial(jax.jit, compiler_options=dict(xla_backend_optimization_level=0,
                                                        xla_llvm_disable_expensive_passes=True))
-
-
-def np_attention(q, k, v, *, causal, q_pos=None, kv_pos=None, q_seg=None, kv_seg=None, window=0, slopes=None,
-                 scale=None):
-    """Loop-based float64 attention: returns out BQHD and lse BHQ (-inf and zero output for empty rows)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, Q, H, D = q.shape
-    K, G = k.shape[1], k.shape[2]
-    q_pos = np.tile(np.arange(Q), (B, 1)) if q_pos is None else np.asarray(q_pos)
-    kv_pos = np.tile(np.arange(K), (B, 1)) if kv_pos is None else np.asarray(kv_pos)
-    scale = 1 / np.sqrt(D) if scale is None else scale
-    out = np.zeros((B, Q, H, v.shape[-1]))
-    lse = np.full((B, H, Q), -np.inf)
-    for b in range(B):
-        for h in range(H):
-            g = h // (H // G)
-            for i in range(Q):
-                logits, values = [], []
-                for j in range(K):
-                    dist = q_pos[b, i] - kv_pos[b, j]
-                    if causal and dist < 0:
-                        continue
-                    if window and (dist >= window if causal else abs(dist) >= window):
-                        continue
-                    if q_seg is not None and q_seg[b, i] != kv_seg[b, j]:
-                        continue
-                    logit = scale * q[b, i, h] @ k[b, j, g]
-                    if slopes is not None:
-                        logit -= slopes[h] * abs(dist)
-                    logits.append(logit)
-                    values.append(v[b, j, g])
-                if logits:
-                    logits = np.array(logits)
-                    top = logits.max()
-                    lse[b, h, i] = top + np.log(np.exp(logits - top).sum())
-                    out[b, i, h] = np.exp(logits - lse[b, h, i]) @ np.array(values)
-    return out, lse
+CAUSAL = AttentionMask(causal=True)
 
 
 def random_qkv(seed, B=2, Q=19, K=19, H=4, G=2, D=8):
@@ -62,12 +27,12 @@ def random_qkv(seed, B=2, Q=19, K=19, H=4, G=2, D=8):
 
 
 @functools.lru_cache(maxsize=None)
-def value_and_grads(implementation, block_size=BLOCK, **static):
+def value_and_grads(implementation, mask, block_size=BLOCK):
     """jit: (q, k, v, arrays) -> ((out, lse), (dq, dk, dv)) of a loss using both out and lse."""
 
     def loss(q, k, v, arrays):
-        out, lse = attention(q, k, v, implementation=implementation, block_size=block_size, return_lse=True,
-                             **static, **arrays)
+        out, lse = attention(q, k, v, mask, implementation=implementation, block_size=block_size, return_lse=True,
+                             **arrays)
         finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
         weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
         return jnp.sum(out * weights) + 0.5 * jnp.sum(jnp.sin(finite_lse)), (out, lse)
@@ -86,22 +51,35 @@ def _segments(B, L):
     return np.stack([np.searchsorted(c, np.arange(L), side="right") for c in cuts]).astype(np.int32)
 
 
+def _prefix_documents(B, L):
+    """Packed documents whose positions restart at each one, so each gets its own prefix."""
+    seg = _segments(B, L)
+    starts = np.stack([np.maximum.accumulate(np.where(np.diff(row, prepend=-1) != 0, np.arange(L), 0)) for row in seg])
+    return dict(q_positions_BQ=np.arange(L) - starts, kv_positions_BK=np.arange(L) - starts, q_segment_ids_BQ=seg,
+                kv_segment_ids_BK=seg)
+
+
 CASES = {
-    "mqa": dict(shape=dict(H=4, G=1), static=dict(causal=True)),
-    "window_causal": dict(shape=dict(), static=dict(causal=True, sliding_window=5)),
-    "window_bidirectional_alibi": dict(shape=dict(H=6, G=3), static=dict(causal=False, sliding_window=6),
-                                       arrays=lambda B, Q, K: dict(alibi_slopes_H=alibi_slopes(6))),
-    "cross_bidirectional_gqa": dict(shape=dict(Q=13, K=29, H=4, G=2), static=dict(causal=False)),
+    "mqa": dict(shape=dict(H=4, G=1), mask=CAUSAL),
+    "window_causal": dict(shape=dict(), mask=AttentionMask(causal=True, sliding_window=5)),
+    "window_bidirectional_alibi": dict(shape=dict(H=6, G=3),
+                                       mask=AttentionMask(causal=False, sliding_window=6, alibi_slopes=alibi_slopes(6))),
+    "cross_bidirectional_gqa": dict(shape=dict(Q=13, K=29, H=4, G=2), mask=AttentionMask(causal=False)),
     "cross_causal_mha_positions": dict(
-        shape=dict(Q=11, K=21, H=2, G=2), static=dict(causal=True),
+        shape=dict(Q=11, K=21, H=2, G=2), mask=CAUSAL,
         arrays=lambda B, Q, K: dict(q_positions_BQ=np.tile(np.arange(10, 10 + Q), (B, 1)))),
-    "segments": dict(shape=dict(), static=dict(causal=True),
+    "segments": dict(shape=dict(), mask=CAUSAL,
                      arrays=lambda B, Q, K: dict(q_segment_ids_BQ=_segments(B, Q), kv_segment_ids_BK=_segments(B, K))),
-    "alibi": dict(shape=dict(H=4, G=2), static=dict(causal=True),
-                  arrays=lambda B, Q, K: dict(alibi_slopes_H=alibi_slopes(4))),
-    "permuted_positions": dict(shape=dict(), static=dict(causal=True),
+    "alibi": dict(shape=dict(H=4, G=2), mask=AttentionMask(causal=True, alibi_slopes=alibi_slopes(4))),
+    "permuted_positions": dict(shape=dict(), mask=CAUSAL,
                                arrays=lambda B, Q, K: dict(q_positions_BQ=_positions(B, Q, 1),
                                                            kv_positions_BK=_positions(B, Q, 1))),
+    "prefix_lm": dict(shape=dict(), mask=AttentionMask(causal=True, prefix_length=7)),
+    "prefix_lm_packed_window_alibi_permuted": dict(
+        shape=dict(H=4, G=1), mask=AttentionMask(causal=True, prefix_length=4, sliding_window=9,
+                                                 alibi_slopes=alibi_slopes(4)),
+        arrays=lambda B, Q, K: {n: x[:, np.random.default_rng(2).permutation(Q)]
+                                for n, x in _prefix_documents(B, Q).items()}),
 }
 
 
@@ -110,22 +88,21 @@ def _case(name):
     shape = dict(B=2, Q=19, K=19, H=4, G=2, D=8) | case["shape"]
     q, k, v = random_qkv(sum(map(ord, name)), **shape)
     arrays = case.get("arrays", lambda B, Q, K: {})(shape["B"], shape["Q"], shape["K"])
-    return q, k, v, case["static"], {n: jnp.asarray(a) for n, a in arrays.items()}
+    return q, k, v, case["mask"], {n: jnp.asarray(a) for n, a in arrays.items()}
 
 
-def _np_kwargs(static, arrays):
+def _np_kwargs(mask, arrays):
     a = {n: np.asarray(x) for n, x in arrays.items()}
-    return dict(causal=static["causal"], window=static.get("sliding_window", 0), q_pos=a.get("q_positions_BQ"),
-                kv_pos=a.get("kv_positions_BK"), q_seg=a.get("q_segment_ids_BQ"), kv_seg=a.get("kv_segment_ids_BK"),
-                slopes=a.get("alibi_slopes_H"))
+    return dict(causal=mask.causal, window=mask.sliding_window, prefix=mask.prefix_length, slopes=mask.alibi_slopes,
+                q_pos=a.get("q_positions_BQ"), kv_pos=a.get("kv_positions_BK"), q_seg=a.get("q_segment_ids_BQ"),
+                kv_seg=a.get("kv_segment_ids_BK"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_numpy_and_gradients_match_reference(name):
-    q, k, v, static, arrays = _case(name)
-    want_out, want_lse = np_attention(q, k, v, **_np_kwargs(static, arrays))
-    frozen = tuple(sorted(static.items()))
-    results = {impl: value_and_grads(impl, **dict(frozen))(q, k, v, arrays) for impl in ("reference", "blockwise")}
+    q, k, v, mask, arrays = _case(name)
+    want_out, want_lse = np_attention(q, k, v, **_np_kwargs(mask, arrays))
+    results = {impl: value_and_grads(impl, mask)(q, k, v, arrays) for impl in ("reference", "blockwise")}
     for impl, ((out, lse), grads) in results.items():
         np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=1e-5, err_msg=f"{impl} out")
         np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse), err_msg=f"{impl} lse -inf pattern")
@@ -141,19 +118,19 @@ def test_matches_numpy_and_gradients_match_reference(name):
 def test_single_block_default_block_size_and_bfloat16():
     q, k, v = random_qkv(3)
     want, _ = np_attention(q, k, v, causal=True)
-    out = jit(functools.partial(attention, implementation="blockwise"))(q, k, v)
+    out = jit(functools.partial(attention, mask=CAUSAL, implementation="blockwise"))(q, k, v)
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
     bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
     for impl in ("reference", "blockwise"):
-        out = jit(functools.partial(attention, implementation=impl, block_size=BLOCK))(*bf)
+        out = jit(functools.partial(attention, mask=CAUSAL, implementation=impl, block_size=BLOCK))(*bf)
         assert out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=5e-2, rtol=5e-2, err_msg=impl)
 
 
 def test_auto_on_cpu_is_blockwise():
     q, k, v = map(jnp.asarray, random_qkv(4))
-    out = attention(q, k, v, implementation="auto", block_size=BLOCK)
-    np.testing.assert_array_equal(out, attention(q, k, v, implementation="blockwise", block_size=BLOCK))
+    out = attention(q, k, v, CAUSAL, implementation="auto", block_size=BLOCK)
+    np.testing.assert_array_equal(out, attention(q, k, v, CAUSAL, implementation="blockwise", block_size=BLOCK))
 
 
 @pytest.mark.parametrize("implementation", ["reference", "blockwise"])
@@ -162,7 +139,7 @@ def test_causality_by_gradient(implementation):
     i = 6
 
     def row_sum(k, v):
-        return jnp.sum(attention(q, k, v, implementation=implementation, block_size=BLOCK)[:, i] ** 2)
+        return jnp.sum(attention(q, k, v, CAUSAL, implementation=implementation, block_size=BLOCK)[:, i] ** 2)
 
     dk, dv = jit(jax.grad(row_sum, argnums=(0, 1)))(k, v)
     assert np.all(np.asarray(dk[:, i + 1:]) == 0) and np.all(np.asarray(dv[:, i + 1:]) == 0)
@@ -178,8 +155,7 @@ def test_fully_masked_rows_give_zero_output_and_finite_grads(implementation):
     q_pos = np.tile(np.arange(19), (2, 1))
     kv_pos = q_pos + 3  # with causal masking, queries 0..2 see no key
     arrays = dict(q_segment_ids_BQ=q_seg, kv_segment_ids_BK=kv_seg, q_positions_BQ=q_pos, kv_positions_BK=kv_pos)
-    (out, lse), grads = value_and_grads(implementation, causal=True)(q, k, v, {n: jnp.asarray(a)
-                                                                                for n, a in arrays.items()})
+    (out, lse), grads = value_and_grads(implementation, CAUSAL)(q, k, v, {n: jnp.asarray(a) for n, a in arrays.items()})
     empty = np.zeros(19, bool)
     empty[[0, 1, 2, 3, 4, 5, 6]] = True
     assert np.all(np.asarray(out)[:, empty] == 0) and np.all(np.isneginf(np.asarray(lse)[:, :, empty]))
@@ -197,7 +173,8 @@ def _mean_normalized_entropy(scale):
     q = jnp.asarray(rng.normal(size=(1, L, 2, D)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, L, 2, D)), jnp.float32)
     v = jnp.broadcast_to(jnp.eye(L, dtype=jnp.float32)[None, :, None, :], (1, L, 2, L))
-    run = jit(functools.partial(attention, causal=False, scale=scale, implementation="blockwise", block_size=16))
+    run = jit(functools.partial(attention, mask=AttentionMask(causal=False), scale=scale, implementation="blockwise",
+                                block_size=16))
     probs = np.asarray(run(q, k, v))
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     entropy = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(-1)
@@ -213,23 +190,42 @@ def test_attention_entropy_not_collapsed_with_inverse_sqrt_scale():
 
 def test_allowed_mask_shape_and_rules():
     pos = jnp.arange(6)[None]
-    mask = np.asarray(allowed_mask(pos, pos, causal=True, sliding_window=2))
-    assert mask.shape == (1, 1, 6, 6)
-    np.testing.assert_array_equal(mask[0, 0], np.tri(6, dtype=bool) & ~np.tri(6, k=-2, dtype=bool))
-    mask = np.asarray(allowed_mask(pos, pos, causal=False, sliding_window=2))
-    np.testing.assert_array_equal(mask[0, 0], np.abs(np.arange(6)[:, None] - np.arange(6)[None]) < 2)
+    mask = np.asarray(AttentionMask(causal=True, sliding_window=2).allowed(pos, pos))
+    assert mask.shape == (1, 6, 6)
+    np.testing.assert_array_equal(mask[0], np.tri(6, dtype=bool) & ~np.tri(6, k=-2, dtype=bool))
+    mask = np.asarray(AttentionMask(causal=False, sliding_window=2).allowed(pos, pos))
+    np.testing.assert_array_equal(mask[0], np.abs(np.arange(6)[:, None] - np.arange(6)[None]) < 2)
+    prefix = np.asarray(AttentionMask(causal=True, prefix_length=3).allowed(pos, pos))
+    np.testing.assert_array_equal(prefix[0], np.tri(6, dtype=bool) | (np.arange(6)[None] < 3))
+
+
+def test_may_attend_is_false_only_for_fully_masked_blocks():
+    """The range test never skips a block with a visible pair (random blocks against the dense rule)."""
+    rng = np.random.default_rng(0)
+    masks = [AttentionMask(causal=c, sliding_window=w, prefix_length=p)
+             for c in (True, False) for w in (0, 3) for p in ((0, 4) if c else (0,))]
+    for mask in masks:
+        skipped = 0
+        for _ in range(200):
+            q_pos, kv_pos = rng.integers(0, 16, (1, 4)), rng.integers(0, 16, (1, 4))
+            q_seg, kv_seg = rng.integers(0, 3, (1, 4)), rng.integers(0, 3, (1, 4))
+            visible = mask.allowed(q_pos, kv_pos, q_seg, kv_seg).any()
+            assert visible <= bool(mask.may_attend(q_pos, kv_pos, q_seg, kv_seg)), mask
+            skipped += not mask.may_attend(q_pos, kv_pos)
+        assert skipped > 0 or mask.is_full, mask
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(shapes=((2, 5, 6, 8), (2, 5, 4, 8))), "H=6.*G=4"),
     (dict(shapes=((2, 5, 4, 8), (3, 5, 2, 8))), "batch"),
-    (dict(shapes=((2, 5, 4, 8), (2, 5, 2, 16))), "head dims differ.*8.*16"),
+    (dict(shapes=((2, 5, 4, 8), (2, 5, 2, 16))), "head widths differ.*8.*16"),
     (dict(implementation="flash3"), "'flash3'.*'reference'"),
     (dict(q_positions_BQ=np.zeros((2, 4), np.int32)), r"q_positions_BQ.*\(2, 4\).*\(2, 5\)"),
     (dict(kv_positions_BK=np.zeros((5,), np.int32)), r"kv_positions_BK.*\(5,\)"),
     (dict(q_segment_ids_BQ=np.zeros((2, 5), np.int32)), "kv_segment_ids_BK"),
-    (dict(alibi_slopes_H=np.ones(3, np.float32)), r"alibi_slopes_H.*\(3,\).*\(4,\)"),
-    (dict(sliding_window=-1), "sliding_window=-1"),
+    (dict(mask=dict(alibi_slopes=np.ones(3, np.float32))), r"3 ALiBi slopes.*H=4"),
+    (dict(mask=dict(sliding_window=-1)), "sliding_window=-1"),
+    (dict(mask=dict(causal=False, prefix_length=2)), "prefix_length=2 needs causal=True"),
     (dict(block_size=0), "block_size=0"),
     (dict(implementation="cudnn"), "cudnn.*GPU"),
     (dict(shapes=((2, 0, 4, 8), (2, 5, 2, 8))), "q length 0"),
@@ -239,18 +235,15 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
     q_shape, k_shape = kwargs.pop("shapes", ((2, 5, 4, 8), (2, 5, 2, 8)))
     q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
     with pytest.raises(ValueError, match=match):
-        attention(q, k, k, **kwargs)
+        attention(q, k, k, AttentionMask(**kwargs.pop("mask", {})), **kwargs)
 
 
 def _layer_choice(batch, *, dtype=jnp.bfloat16, head_dim=64, platform="gpu", sliding_window=0, alibi=False):
     """What "auto" picks for the self-attention layer's kernel arguments on this data batch (the layer
     passes the batch's positions and segment ids for both q and kv)."""
     pos, seg = batch["positions_BL"], batch["segment_ids_BL"]
-    q = jax.ShapeDtypeStruct((*pos.shape, 4, head_dim), dtype)
-    k = jax.ShapeDtypeStruct((*pos.shape, 2, head_dim), dtype)
-    return choose_implementation("auto", q, k, k, causal=True, sliding_window=sliding_window,
-                                 alibi_slopes_H=alibi_slopes(4) if alibi else None, platform=platform,
-                                 layout_ok=cudnn_layout_ok(pos, pos, seg, seg))
+    mask = AttentionMask(causal=True, sliding_window=sliding_window, alibi_slopes=alibi_slopes(4) if alibi else None)
+    return select_kernel("auto", mask, dtype, head_dim, platform=platform, layout_ok=cudnn_layout_ok(pos, pos, seg, seg))
 
 
 def test_auto_picks_cudnn_on_gpu_for_unpacked_training_batches():
@@ -285,20 +278,25 @@ def test_cudnn_layout_ok_traced_and_explicit_cudnn_needs_known_layout():
     assert not bool(check(pos[:, ::-1], pos[:, ::-1], None, None))
     assert not bool(check(pos, pos, ones, 2 * ones))
     assert cudnn_layout_ok() is True
-    q = jax.ShapeDtypeStruct((2, 8, 2, 16), jnp.bfloat16)
     seen = []
 
     @jax.jit
     def traced(pos):
         for platform in ("gpu", "cpu"):
-            seen.append(choose_implementation("auto", q, q, q, platform=platform, layout_ok=cudnn_layout_ok(pos, pos)))
+            seen.append(select_kernel("auto", CAUSAL, jnp.bfloat16, 16, platform=platform,
+                                      layout_ok=cudnn_layout_ok(pos, pos)))
         return pos
 
     traced(pos)
     assert seen == ["cudnn", "blockwise"]  # on GPU the traced layout is checked at run time
     with pytest.raises(ValueError, match="cudnn' is unavailable: it masks by token index"):
-        choose_implementation("cudnn", q, q, q, platform="gpu", layout_ok=cudnn_layout_ok(pos, pos, ones, 2 * ones))
-    assert choose_implementation("cudnn", q, q, q, platform="gpu", layout_ok=cudnn_layout_ok(pos, pos)) == "cudnn"
+        select_kernel("cudnn", CAUSAL, jnp.bfloat16, 16, platform="gpu",
+                      layout_ok=cudnn_layout_ok(pos, pos, ones, 2 * ones))
+    assert select_kernel("cudnn", CAUSAL, jnp.bfloat16, 16, platform="gpu", layout_ok=cudnn_layout_ok(pos, pos)) == "cudnn"
+    assert select_kernel("auto", AttentionMask(prefix_length=4), jnp.bfloat16, 16, platform="gpu") == "blockwise"
+    window = AttentionMask(sliding_window=4)
+    assert select_kernel("auto", window, jnp.bfloat16, 16, platform="gpu") == "cudnn"
+    assert select_kernel("auto", window, jnp.bfloat16, 16, platform="gpu", mesh={"sequence": 2}) == "blockwise"
 
 
 def test_blockwise_inside_shard_map_with_vma_checks():
@@ -314,8 +312,8 @@ def test_blockwise_inside_shard_map_with_vma_checks():
     mesh = sharding.make_mesh(MeshConfig(data=4), jax.devices()[:4])
 
     def loss(q, k, v, seg):
-        out = attention(q, k, v, q_segment_ids_BQ=seg, kv_segment_ids_BK=seg, sliding_window=6,
-                        implementation="blockwise", block_size=BLOCK)
+        out = attention(q, k, v, AttentionMask(causal=True, sliding_window=6), q_segment_ids_BQ=seg,
+                        kv_segment_ids_BK=seg, implementation="blockwise", block_size=BLOCK)
         return jnp.sum(out * jnp.cos(out))
 
     def local(q, k, v, seg):
@@ -343,7 +341,7 @@ def test_blockwise_memory_stays_linear_inside_a_differentiated_layer_scan():
         def loss(w_NDD, x_BLD):
             def layer(x_BLD, w_DD):
                 q = (x_BLD @ w_DD).reshape(1, n, 4, 16)
-                out = attention(q, q[:, :, :2], q[:, :, 2:], q_positions_BQ=pos, kv_positions_BK=pos,
+                out = attention(q, q[:, :, :2], q[:, :, 2:], CAUSAL, q_positions_BQ=pos, kv_positions_BK=pos,
                                 q_segment_ids_BQ=seg, kv_segment_ids_BK=seg, implementation="blockwise",
                                 block_size=256)
                 return x_BLD + out.reshape(1, n, 64), None
@@ -357,7 +355,7 @@ def test_blockwise_memory_stays_linear_inside_a_differentiated_layer_scan():
 
 
 def test_implementations_listed():
-    assert set(IMPLEMENTATIONS) == {"auto", "reference", "blockwise", "cudnn"}
+    assert set(KERNELS) == {"auto", "reference", "blockwise", "cudnn"}
 
 
 @pytest.mark.slow
@@ -368,7 +366,7 @@ def test_blockwise_fwd_bwd_memory_is_linear_at_long_lengths():
 
     def grad_fn(impl):
         def loss(q, k, v):
-            return jnp.sum(attention(q, k, v, implementation=impl, block_size=512) ** 2)
+            return jnp.sum(attention(q, k, v, CAUSAL, implementation=impl, block_size=512) ** 2)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
     def temp_bytes(impl, n):
@@ -387,7 +385,7 @@ def test_blockwise_fwd_bwd_memory_is_linear_at_long_lengths():
     q, k, v = random_qkv(9, B=1, Q=n, K=n, H=2, G=1, D=32)
     dq, dk, dv = grad_fn("blockwise")(q, k, v)
     assert all(np.isfinite(np.asarray(g)).all() for g in (dq, dk, dv))
-    out = np.asarray(attention(*map(jnp.asarray, (q, k, v)), implementation="blockwise"))
+    out = np.asarray(attention(*map(jnp.asarray, (q, k, v)), CAUSAL, implementation="blockwise"))
     tail = 3
     scores = np.einsum("qhd,kd->hqk", q[0, -tail:].astype(np.float64), k[0, :, 0].astype(np.float64)) / np.sqrt(32)
     scores = np.where(np.arange(n)[None, None, :] <= np.arange(n - tail, n)[None, :, None], scores, -np.inf)

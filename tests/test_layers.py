@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attention_oracle import np_attention as oracle_attention
 from transformer import sharding
 from transformer.config import MeshConfig, ModelConfig
 from transformer.layers import attention as attention_layer
@@ -114,11 +115,11 @@ def test_embedding_adds_absolute_positions(position):
     positions = rng.integers(0, 32, (B, L)).astype(np.int32)
     want = arr(embed.tokens_VD)[tokens]
     if position == "learned":
-        want = want + arr(embed.positions_TD)[positions]
+        want = want + arr(embed.position_table)[positions]
     elif position == "sinusoidal":
         want = want + _np_sinusoid(positions.astype(np.float64), D)
     else:
-        assert embed.positions_TD is None
+        assert embed.position_table is None
     got = run(embed, jnp.asarray(tokens), jnp.asarray(positions))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -155,35 +156,20 @@ def _np_rope(x, pos, inv_freq, mscale=1.0):
 
 def np_attention(layer, x, *, positions, causal=True, window=0, seg=None, rope=None, slopes=None, context=None,
                  ctx_seg=None):
-    """float64 attention: per query head h uses kv head h // (H / G)."""
+    """float64 attention layer: projections here, attention from the shared oracle."""
     x = np.asarray(x, np.float64)
     src = x if context is None else np.asarray(context, np.float64)
-    q = np.einsum("bld,dhk->blhk", x, arr(layer.q_DHK))
-    k = np.einsum("bsd,dgk->bsgk", src, arr(layer.k_DGK))
-    v = np.einsum("bsd,dgk->bsgk", src, arr(layer.v_DGK))
+    q = np.einsum("bld,dhw->blhw", x, arr(layer.q_DHW))
+    k = np.einsum("bsd,dgw->bsgw", src, arr(layer.k_DGW))
+    v = np.einsum("bsd,dgw->bsgw", src, arr(layer.v_DGW))
     if rope is not None:
         q, k = _np_rope(q, positions, *rope), _np_rope(k, positions, *rope)
-    Hq, G = q.shape[2], k.shape[2]
-    k, v = np.repeat(k, Hq // G, axis=2), np.repeat(v, Hq // G, axis=2)
-    scores = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
     S = src.shape[1]
-    kpos = positions if context is None else np.broadcast_to(np.arange(S), (x.shape[0], S))
-    diff = positions[:, None, :, None] - kpos[:, None, None, :]
-    if slopes is not None:
-        scores = scores - slopes[None, :, None, None] * np.abs(diff)
-    ok = np.ones(scores.shape, bool)
-    if causal:
-        ok &= diff >= 0
-    if window:
-        ok &= (diff < window) if causal else (np.abs(diff) < window)
-    if seg is not None:
-        kseg = seg if ctx_seg is None else ctx_seg
-        ok &= seg[:, None, :, None] == kseg[:, None, None, :]
-    scores = np.where(ok, scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p = p / p.sum(-1, keepdims=True)
-    out = np.einsum("bhqs,bshk->bqhk", p, v)
-    return np.einsum("bqhk,hkd->bqd", out, arr(layer.o_HKD))
+    kv_pos = positions if context is None else np.broadcast_to(np.arange(S), (x.shape[0], S))
+    kv_seg = seg if ctx_seg is None or seg is None else ctx_seg
+    out, _ = oracle_attention(q, k, v, causal=causal, q_pos=positions, kv_pos=kv_pos, q_seg=seg, kv_seg=kv_seg,
+                              window=window, slopes=slopes)
+    return np.einsum("bqhw,hwd->bqd", out, arr(layer.o_HWD))
 
 
 def _base_inv_freq(d, theta=10000.0):
@@ -206,7 +192,7 @@ def test_self_attention_matches_numpy(name):
     cfg = cfg_with(**case["cfg"])
     layer = Attention(cfg, num_layers=2, causal=case["causal"], rngs=nnx.Rngs(0))
     G = cfg.kv_heads
-    assert layer.q_DHK.shape == (D, H, 8) and layer.k_DGK.shape == (D, G, 8) and layer.o_HKD.shape == (H, 8, D)
+    assert layer.q_DHW.shape == (D, H, 8) and layer.k_DGW.shape == (D, G, 8) and layer.o_HWD.shape == (H, 8, D)
     x = x_BLD()
     rng = np.random.default_rng(3)
     seg = None
@@ -260,21 +246,19 @@ def test_cross_attention_matches_numpy_with_segments():
 
 
 def test_kernel_choice_follows_config_and_mesh(monkeypatch):
-    from transformer.ops import ring_attention
-
     calls = []
-    real_attention, real_ring = attention_layer.attention_ops.attention, ring_attention.ring_attention_sharded
+    real_attention, real_ring = attention_layer.attention_ops.attention, attention_layer.ring_attention_sharded
 
     def spy_attention(*args, **kwargs):
         calls.append(("dense", kwargs["implementation"], kwargs["block_size"]))
         return real_attention(*args, **kwargs)
 
     def spy_ring(*args, **kwargs):
-        calls.append(("ring", kwargs["block_kernel"], kwargs["block_size"]))
+        calls.append(("ring", kwargs["implementation"], kwargs["block_size"]))
         return real_ring(*args, **kwargs)
 
     monkeypatch.setattr(attention_layer.attention_ops, "attention", spy_attention)
-    monkeypatch.setattr(ring_attention, "ring_attention_sharded", spy_ring)
+    monkeypatch.setattr(attention_layer, "ring_attention_sharded", spy_ring)
     cfg = cfg_with(attention_kernel="blockwise", attention_block_size=8)
     layer = Attention(cfg, num_layers=2, causal=True, rngs=nnx.Rngs(0))
     x = x_BLD()

@@ -184,13 +184,25 @@ def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry):
-    """`update(carry, kp_Bk, ok_B11qk)` for kv block j of a q chunk, skipped when the mask hides the whole tile."""
-    bk = spec.block_k
-    kp_Bk, ks_Bk = _slice(kp_BK, j * bk, bk), _slice(ks_BK, j * bk, bk)
-    ok_Bqk = spec.mask.allowed(qp_Bq, kp_Bk, qs_Bq, ks_Bk) & _slice(kvalid_BK, j * bk, bk)[:, None, :]
-    ok_B11qk = ok_Bqk[:, None, None]
-    return lax.cond(ok_B11qk.any(), lambda c: update(c, kp_Bk, ok_B11qk), lambda c: c, carry)
+def _visit_kv_block(spec, j, q_chunk, kv, update, carry):
+    """`update(carry, k_BkGW, v_BkGW, s_BGRqk)` for kv block j of a q chunk, with s the tile's scores (-inf where
+    masked); skipped when the mask hides the whole tile. q_chunk = (q_BqGRW, qp_Bq, qs_Bq);
+    kv = (k_BKGW, v_BKGW, kp_BK, ks_BK, kvalid_BK)."""
+    q_BqGRW, qp_Bq, qs_Bq = q_chunk
+    k_BkGW, v_BkGW, kp_Bk, ks_Bk, kvalid_Bk = (_slice(x, j * spec.block_k, spec.block_k) for x in kv)
+    ok_B11qk = (spec.mask.allowed(qp_Bq, kp_Bk, qs_Bq, ks_Bk) & kvalid_Bk[:, None, :])[:, None, None]
+
+    def visit(carry):
+        s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk)
+        return update(carry, k_BkGW, v_BkGW, jnp.where(ok_B11qk, s_BGRqk, -jnp.inf))
+
+    return lax.cond(ok_B11qk.any(), visit, lambda c: c, carry)
+
+
+def _dims(q_BQHW, k_BKGW, v_BKGW):
+    """(B, Q, H, W, K, G, R, Wv) of a kernel call (Wv: the value head width)."""
+    (B, Q, H, W), (K, G) = q_BQHW.shape, k_BKGW.shape[1:3]
+    return B, Q, H, W, K, G, H // G, v_BKGW.shape[-1]
 
 
 def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK):
@@ -199,23 +211,19 @@ def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
     # (q-chunk, kv-block) mask tile: quadratic memory.
     q_BQHW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK = lax.optimization_barrier(
         (q_BQHW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK))
-    B, Qp, H, W = q_BQHW.shape
-    Kp, G = k_BKGW.shape[1], k_BKGW.shape[2]
-    R, Wv = H // G, v_BKGW.shape[-1]
+    B, Qp, H, W, Kp, G, R, Wv = _dims(q_BQHW, k_BKGW, v_BKGW)
     bq, bk = spec.block_q, spec.block_k
     q_BQGRW = q_BQHW.reshape(B, Qp, G, R, W)
     inputs = (q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK)
 
+    kv = (k_BKGW, v_BKGW, kp_BK, ks_BK, kvalid_BK)
+
     def q_chunk(i):
-        q_BqGRW = _slice(q_BQGRW, i * bq, bq)
-        qp_Bq, qs_Bq = _slice(qp_BQ, i * bq, bq), _slice(qs_BQ, i * bq, bq)
+        q_BqGRW, qp_Bq, qs_Bq = (_slice(x, i * bq, bq) for x in (q_BQGRW, qp_BQ, qs_BQ))
 
         def kv_step(carry, j):
-            def update(carry, kp_Bk, ok_B11qk):
+            def update(carry, k_BkGW, v_BkGW, s_BGRqk):
                 m_BGRq, l_BGRq, acc_BGRqW = carry
-                k_BkGW, v_BkGW = _slice(k_BKGW, j * bk, bk), _slice(v_BKGW, j * bk, bk)
-                s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk)
-                s_BGRqk = jnp.where(ok_B11qk, s_BGRqk, -jnp.inf)
                 m_new = jnp.maximum(m_BGRq, s_BGRqk.max(-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 corr_BGRq = jnp.exp(m_BGRq - m_safe)
@@ -225,7 +233,7 @@ def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
                                       preferred_element_type=jnp.float32)
                 return m_new, l_BGRq, acc_BGRqW * corr_BGRq[..., None] + pv_BGRqW
 
-            return _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry), None
+            return _visit_kv_block(spec, j, (q_BqGRW, qp_Bq, qs_Bq), kv, update, carry), None
 
         init = (full_like_inputs((B, G, R, bq), -jnp.inf, *inputs), full_like_inputs((B, G, R, bq), 0.0, *inputs),
                 full_like_inputs((B, G, R, bq, Wv), 0.0, *inputs))
@@ -244,9 +252,7 @@ def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvali
                  dsoft_BHQ):
     """float32 (dq, dk, dv), FlashAttention-2 style, from the rows' softmax statistics: lse and
     dsoft = d(loss)/d(lse) - sum(dout * out). A row with lse = +inf contributes nothing (padding)."""
-    B, Qp, H, W = q_BQHW.shape
-    Kp, G = k_BKGW.shape[1], k_BKGW.shape[2]
-    R, Wv = H // G, v_BKGW.shape[-1]
+    B, Qp, H, W, Kp, G, R, Wv = _dims(q_BQHW, k_BKGW, v_BKGW)
     bq, bk = spec.block_q, spec.block_k
     q_BQGRW = q_BQHW.reshape(B, Qp, G, R, W)
     dout_BQGRW = dout_BQHW.reshape(B, Qp, G, R, Wv)
@@ -255,17 +261,16 @@ def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvali
     dsoft_BGRQ = dsoft_BHQ.astype(jnp.float32).reshape(B, G, R, Qp)
     inputs = (q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, dout_BQHW, lse_BHQ, dsoft_BHQ)
 
+    kv = (k_BKGW, v_BKGW, kp_BK, ks_BK, kvalid_BK)
+
     def q_chunk(dkv, i):
-        q_BqGRW, dout_BqGRW = _slice(q_BQGRW, i * bq, bq), _slice(dout_BQGRW, i * bq, bq)
-        qp_Bq, qs_Bq = _slice(qp_BQ, i * bq, bq), _slice(qs_BQ, i * bq, bq)
+        q_BqGRW, dout_BqGRW, qp_Bq, qs_Bq = (_slice(x, i * bq, bq) for x in (q_BQGRW, dout_BQGRW, qp_BQ, qs_BQ))
         lse_BGRq, dsoft_BGRq = _slice(lse_BGRQ, i * bq, bq, axis=3), _slice(dsoft_BGRQ, i * bq, bq, axis=3)
 
         def kv_step(carry, j):
-            def update(carry, kp_Bk, ok_B11qk):
+            def update(carry, k_BkGW, v_BkGW, s_BGRqk):
                 dq_BqGRW, dk_BKGW, dv_BKGW = carry
-                k_BkGW, v_BkGW = _slice(k_BKGW, j * bk, bk), _slice(v_BKGW, j * bk, bk)
-                s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk)
-                p_BGRqk = jnp.exp(jnp.where(ok_B11qk, s_BGRqk, -jnp.inf) - lse_BGRq[..., None])
+                p_BGRqk = jnp.exp(s_BGRqk - lse_BGRq[..., None])
                 dv_BkGW = jnp.einsum("bgrqk,bqgrw->bkgw", p_BGRqk.astype(dout_BqGRW.dtype), dout_BqGRW,
                                      preferred_element_type=jnp.float32)
                 dp_BGRqk = jnp.einsum("bqgrw,bkgw->bgrqk", dout_BqGRW, v_BkGW, preferred_element_type=jnp.float32)
@@ -277,7 +282,7 @@ def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvali
                 dv_BKGW = lax.dynamic_update_slice_in_dim(dv_BKGW, _slice(dv_BKGW, j * bk, bk) + dv_BkGW, j * bk, 1)
                 return dq_BqGRW, dk_BKGW, dv_BKGW
 
-            return _visit_kv_block(spec, j, qp_Bq, qs_Bq, kp_BK, ks_BK, kvalid_BK, update, carry), None
+            return _visit_kv_block(spec, j, (q_BqGRW, qp_Bq, qs_Bq), kv, update, carry), None
 
         init = (full_like_inputs((B, bq, G, R, W), 0.0, *inputs), *dkv)
         (dq_BqGRW, dk_BKGW, dv_BKGW), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))

@@ -56,22 +56,27 @@ def ring_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, axis_name=SEQ
     when Q == K. ALiBi slopes are constants (no gradient). Returns out_BQHW in q's dtype. Works under
     `shard_map(check_vma=True)`: every loop carry is built to vary over the same mesh axes as the inputs.
     """
-    B, Q, H, W = q_BQHW.shape
-    K = k_BKGW.shape[1]
-    if q_positions_BQ is None:
-        q_positions_BQ = _contiguous_positions(axis_name, B, Q)
-    if kv_positions_BK is None:
-        kv_positions_BK = q_positions_BQ if Q == K else _contiguous_positions(axis_name, B, K)
-    if kv_segment_ids_BK is None and Q == K:
-        kv_segment_ids_BK = q_segment_ids_BQ
-    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-                               kv_segment_ids_BK, scale=scale, block_size=block_size)
+    B, W = q_BQHW.shape[0], q_BQHW.shape[3]
+    contiguous = lambda given, length: _contiguous_positions(axis_name, B, length) if given is None else given
+    tokens = _with_defaults(q_BQHW, k_BKGW, contiguous, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
+                            kv_segment_ids_BK)
+    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, scale=scale, block_size=block_size)
     kernel = attention_ops.select_kernel(implementation, mask, q_BQHW.dtype, W,
                                          mesh={SEQUENCE: lax.axis_size(axis_name)})
     opts = _Options(axis_name, mask, float(1.0 / math.sqrt(W) if scale is None else scale), kernel, int(block_size))
-    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-    return _ring(opts, q_BQHW, k_BKGW, v_BKGW, *map(as_int, (q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-                                                               kv_segment_ids_BK)))
+    return _ring(opts, q_BQHW, k_BKGW, v_BKGW, *(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens))
+
+
+def _with_defaults(q_BQHW, k_BKGW, positions_for, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
+                   kv_segment_ids_BK):
+    """The four token arrays completed: positions by `positions_for(given or None, length)`; with Q == K the
+    keys' positions and segment ids default to the queries'."""
+    Q, K = q_BQHW.shape[1], k_BKGW.shape[1]
+    if Q == K:
+        kv_positions_BK = q_positions_BQ if kv_positions_BK is None else kv_positions_BK
+        kv_segment_ids_BK = q_segment_ids_BQ if kv_segment_ids_BK is None else kv_segment_ids_BK
+    return (positions_for(q_positions_BQ, Q), positions_for(kv_positions_BK, K), q_segment_ids_BQ,
+            kv_segment_ids_BK)
 
 
 def _contiguous_positions(axis_name, batch: int, length: int):
@@ -107,13 +112,10 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
     attention_ops.check_kernel_name(implementation)
     B, Lq, H, W = q_BQHW.shape
     Lk = k_BKGW.shape[1]
-    q_positions_BQ = attention_ops.arange_positions(q_positions_BQ, B, Lq)
-    kv_positions_BK = q_positions_BQ if kv_positions_BK is None and Lq == Lk else attention_ops.arange_positions(
-        kv_positions_BK, B, Lk)
-    if kv_segment_ids_BK is None and Lq == Lk:
-        kv_segment_ids_BK = q_segment_ids_BQ
-    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-                               kv_segment_ids_BK, scale=scale, block_size=block_size)
+    arange = lambda given, length: attention_ops.arange_positions(given, B, length)
+    tokens = _with_defaults(q_BQHW, k_BKGW, arange, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
+                            kv_segment_ids_BK)
+    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, scale=scale, block_size=block_size)
     ring = mesh.shape[SEQUENCE]
     for name, length in (("query", Lq), ("kv", Lk)):
         problem = layout.ring_length_problem(f"{name} sequence length {length}", length, f"ring size {ring}", ring,
@@ -130,7 +132,6 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
         # q heads split over `tensor` but kv heads cannot be: give each shard its own kv copies
         k_BKGW, v_BKGW = (jnp.repeat(x, math.lcm(G, tensor) // G, axis=2) for x in (k_BKGW, v_BKGW))
     kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads" if split_heads else None, None), mesh, k_BKGW.shape)
-    tokens = (q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK)
     tokens_specs = tuple(None if x is None else sharding.logical_to_spec(("batch", "length"), mesh, x.shape)
                          for x in tokens)
 
