@@ -7,7 +7,7 @@ Methods: ring (ours, zigzag; ring size 1 and across all local devices), ring_con
 zigzag), cudnn and xla (jax.nn.dot_product_attention), blockwise (transformer.ops.attention), and
 the `ringattention` PyPI package's (LWM) pure-JAX ring when it is installed (`pip install -e ".[bench]"`;
 on a machine without network, unzip its wheel into a folder put on PYTHONPATH). Also tabulates the
-per-device work of the causal ring schedule, zigzag vs contiguous (`ring_attention.ring_work`).
+per-device work of the causal ring schedule, zigzag vs contiguous (`ops.layout.ring_work`).
 
 FLOPs: forward 4*B*H*L^2*D (halved for causal), backward 2.5x forward (FlashAttention-2
 convention), so fwd+bwd = 3.5x forward; ring TFLOP/s are summed over the ring's devices.
@@ -19,36 +19,52 @@ Writes bench.csv / bench.md / work_balance.csv / work_balance.md under --results
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
+
+import harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """The defaults of the command-line flags of the same names."""
+
+    lengths: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    batch: int
+    dtype: str
+    ring_sizes: tuple[int, ...]
+    block_size: int
+    iters: int
+    cpu_devices: int
+    max_seconds: float
+    max_xla_gib: float
+
 
 PRESETS = {
-    "cpu": dict(lengths=(256, 1024), heads=4, kv_heads=4, head_dim=32, batch=1, dtype="float32",
-                ring_sizes=(1, 8), block_size=128, iters=2, cpu_devices=8, max_seconds=60.0, max_xla_gib=2.0),
-    "gpu": dict(lengths=tuple(2 ** p * 1024 for p in range(3, 11)), heads=16, kv_heads=16, head_dim=128, batch=1,
-                dtype="bfloat16", ring_sizes=(1, -1), block_size=1024, iters=3, cpu_devices=0, max_seconds=300.0,
-                max_xla_gib=40.0),
+    "cpu": Preset(lengths=(256, 1024), heads=4, kv_heads=4, head_dim=32, batch=1, dtype="float32",
+                  ring_sizes=(1, 8), block_size=128, iters=2, cpu_devices=8, max_seconds=60.0, max_xla_gib=2.0),
+    "gpu": Preset(lengths=tuple(2 ** p * 1024 for p in range(3, 11)), heads=16, kv_heads=16, head_dim=128,
+                  batch=1, dtype="bfloat16", ring_sizes=(1, -1), block_size=1024, iters=3, cpu_devices=0,
+                  max_seconds=300.0, max_xla_gib=40.0),
 }
 METHODS = ("ring", "ring_contiguous", "cudnn", "xla", "blockwise", "ringattention")
 PASSES = ("fwd", "fwd+bwd")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--lengths", type=_ints, help="comma-separated sequence lengths (overrides the preset)")
+    parser = harness.Parser("bench_attention", __doc__, PRESETS)
+    parser.add_argument("--lengths", type=harness.ints, help="comma-separated sequence lengths (overrides the preset)")
     parser.add_argument("--heads", type=int)
     parser.add_argument("--kv-heads", type=int)
     parser.add_argument("--head-dim", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--ring-sizes", type=_ints, help="ring sizes; -1 means all local devices")
+    parser.add_argument("--ring-sizes", type=harness.ints, help="ring sizes; -1 means all local devices")
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--iters", type=int)
     parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=METHODS)
@@ -58,22 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-xla-gib", type=float, help="skip xla when its score matrices would exceed this")
     parser.add_argument("--check-max-len", type=int, default=4096,
                         help="compare forward outputs with the float32 reference up to this length")
-    parser.add_argument("--results-dir", default=None, help="default: experiments/results/bench_attention/<preset>")
     args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if args.heads % args.kv_heads:
         parser.error(f"--heads={args.heads} must be a multiple of --kv-heads={args.kv_heads}")
-    args.results_dir = Path(args.results_dir or f"experiments/results/bench_attention/{args.preset}")
     return args
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
 
 
 @dataclasses.dataclass
@@ -96,12 +103,9 @@ def attention_flops(args, seq_len: int, pass_: str) -> float:
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
-    if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}")
-    import jax  # noqa: E402  (after XLA_FLAGS)
+    harness.fake_cpu_devices(args.cpu_devices)
+    import jax
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from transformer.ops import ring_attention as ra
 
     print(f"backend {jax.default_backend()}, {len(jax.devices())} devices ({jax.devices()[0].device_kind}); "
@@ -125,7 +129,7 @@ def main(argv=None) -> list[Row]:
                     too_slow = row.status == "ok" and row.ms / 1e3 > args.max_seconds
                 rows.append(row)
                 print(_format_row(row), flush=True)
-    balance = work_balance(args, ra, ring_sizes)
+    balance = work_balance(args, ring_sizes)
     write_results(args, rows, balance)
     return rows
 
@@ -154,32 +158,26 @@ def _bench_one(args, ra, row: Row) -> None:
         return
     row.ms = 1e3 * statistics.median(times)
     row.tflops = attention_flops(args, row.seq_len, row.pass_) / (row.ms / 1e3) / 1e12
-    row.peak_mib = _peak_bytes(compiled) / 2 ** 20
+    row.peak_mib = harness.compiled_memory_mib(compiled)[0]
     if row.pass_ == "fwd" and row.seq_len <= args.check_max_len:
-        row.rel_err = _relative_error(args, ra, row, compiled(*inputs), inputs)
+        row.rel_err = _relative_error(args, row, compiled(*inputs), inputs)
 
 
-def _relative_error(args, ra, row: Row, out_BQHD, inputs) -> float:
+def _relative_error(args, row: Row, out_BQHD, inputs) -> float:
     """max |out - reference| / max |reference|, the reference computed in float32 on the same inputs (for
     the zigzag ring, token i of the inputs is at position zigzag_permutation[i])."""
     import numpy as np
 
+    from transformer.ops import layout
     from transformer.ops.attention import attention
+    from transformer.ops.mask import AttentionMask
 
     q, k, v = (np.asarray(x, np.float32) for x in inputs[:3])
     causal = not args.non_causal
-    positions = ra.zigzag_permutation(row.seq_len, row.devices)[None] if row.method == "ring" and causal else None
-    expected = np.asarray(attention(q, k, v, causal=causal, q_positions_BQ=positions, kv_positions_BK=positions,
-                                    implementation="reference"))
+    positions = layout.zigzag_permutation(row.seq_len, row.devices)[None] if row.method == "ring" and causal else None
+    expected = np.asarray(attention(q, k, v, AttentionMask(causal=causal), q_positions_BQ=positions,
+                                    kv_positions_BK=positions, implementation="reference"))
     return float(np.max(np.abs(np.asarray(out_BQHD, np.float32) - expected)) / np.max(np.abs(expected)))
-
-
-def _peak_bytes(compiled) -> float:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return float("nan")
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-            - stats.alias_size_in_bytes)
 
 
 def build(args, ra, row: Row):
@@ -190,9 +188,12 @@ def build(args, ra, row: Row):
 
     from transformer import sharding
     from transformer.ops import attention as attention_ops
+    from transformer.ops import layout
+    from transformer.ops.mask import AttentionMask
 
     B, L, H, G, D = args.batch, row.seq_len, args.heads, args.kv_heads, args.head_dim
     causal = not args.non_causal
+    mask = AttentionMask(causal=causal)
     dtype = jnp.dtype(args.dtype)
     mesh, specs = None, None
     if row.method in ("ring", "ring_contiguous", "ringattention"):
@@ -202,13 +203,11 @@ def build(args, ra, row: Row):
 
     if row.method in ("ring", "ring_contiguous"):
         zigzag = row.method == "ring" and causal
-        positions = ra.zigzag_permutation(L, row.devices) if zigzag else None
-        if not zigzag and L % row.devices:
-            raise ValueError(f"length {L} is not divisible by ring size {row.devices}")
-        attend = functools.partial(ra.ring_attention_sharded, mesh=mesh, causal=causal, q_positions=positions,
+        positions = layout.zigzag_permutation(L, row.devices) if zigzag else None
+        attend = functools.partial(ra.ring_attention_sharded, mask=mask, mesh=mesh, q_positions_BQ=positions,
                                    block_size=args.block_size)
     elif row.method == "blockwise":
-        attend = functools.partial(attention_ops.attention, causal=causal, implementation="blockwise",
+        attend = functools.partial(attention_ops.attention, mask=mask, implementation="blockwise",
                                    block_size=args.block_size)
     elif row.method in ("xla", "cudnn"):
         if row.method == "cudnn" and jax.default_backend() != "gpu":
@@ -273,21 +272,24 @@ def _ringattention_package(args, mesh, specs, seq_len):
                          check_vma=False)
 
 
-def work_balance(args, ra, ring_sizes) -> list[dict]:
+def work_balance(args, ring_sizes) -> list[dict]:
     """Per-device causal ring work, zigzag vs contiguous, at the longest benchmarked length."""
+    from transformer.ops import layout
+    from transformer.ops.mask import AttentionMask
+
     rows = []
     length = max(args.lengths)
     for size in ring_sizes:
         if size < 2:
             continue
-        for layout in ("zigzag", "contiguous"):
+        for order in layout.LAYOUTS:
             try:
-                work = ra.ring_work(length, size, layout=layout, causal=not args.non_causal)
+                work = layout.ring_work(length, size, layout=order, mask=AttentionMask(causal=not args.non_causal))
             except ValueError as e:
-                print(f"work balance ring {size} {layout}: {e}")
+                print(f"work balance ring {size} {order}: {e}")
                 continue
             pairs = work["pairs_computed"]
-            rows.append(dict(ring_size=size, layout=layout, seq_len=length,
+            rows.append(dict(ring_size=size, layout=order, seq_len=length,
                              blocks_min=int(work["blocks"].min()), blocks_max=int(work["blocks"].max()),
                              pairs_min=int(pairs.min()), pairs_max=int(pairs.max()),
                              imbalance=round(float(pairs.max() / pairs.mean()), 3)))
@@ -320,34 +322,25 @@ def _cell(value) -> str:
     return f"{value:.1e}" if 0 < abs(value) < 1e-2 else f"{value:.3f}"
 
 
-def _markdown(header, rows) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_results(args, rows: list[Row], balance: list[dict]) -> None:
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     header = ["method", "devices", "seq_len", "pass", "ms", "TFLOP/s", "peak_MiB", "rel_err", "status"]
     table = [[r.method, r.devices, r.seq_len, r.pass_, r.ms, r.tflops, r.peak_mib, r.rel_err, r.status]
              for r in rows]
-    with open(args.results_dir / "bench.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header] + table)
     settings = (f"preset {args.preset}: B={args.batch} H={args.heads} G={args.kv_heads} D={args.head_dim} "
                 f"{args.dtype} {'bidirectional' if args.non_causal else 'causal'}, block {args.block_size}, "
                 f"median of {args.iters} runs\n\n")
-    (args.results_dir / "bench.md").write_text(settings + _markdown(header, table))
+    written = harness.write_results(args.results_dir, "bench", [dict(zip(header, r)) for r in table],
+                                    settings + _markdown(header, table))
     if balance:
-        with open(args.results_dir / "work_balance.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(balance[0]))
-            writer.writeheader()
-            writer.writerows(balance)
-        (args.results_dir / "work_balance.md").write_text(
-            _markdown(list(balance[0]), [list(b.values()) for b in balance]))
+        written += harness.write_results(args.results_dir, "work_balance", balance,
+                                         _markdown(list(balance[0]), [list(b.values()) for b in balance]))
     ok = [row for row in table if row[-1] == "ok"]
     print("\n" + _table(header[:-1], [r[:-1] for r in ok]))
-    extra = ", work_balance.csv, work_balance.md" if balance else ""
-    print(f"\nwrote {args.results_dir}/bench.csv, bench.md{extra}")
+    print(f"\nwrote {', '.join(map(str, written))}")
+
+
+def _markdown(header, rows) -> str:
+    return harness.markdown_table(header, [[_cell(c) for c in r] for r in rows])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ for several lengths) under experiments/results/long_context/<preset>/.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import os
@@ -32,40 +31,48 @@ import sys
 import time
 from pathlib import Path
 
+import harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Where the preset runs, the defaults of --lengths, --ring, --check-len and --steps, and the model."""
+
+    platform: str
+    devices: int
+    ring: int
+    lengths: tuple[int, ...]
+    check_len: int
+    steps: int
+    d_model: int
+    layers: int
+    heads: int
+    kv_heads: int
+    dtype: str
+    block: int
+    loss_chunk: int
+
+
 PRESETS = {
-    "cpu": dict(platform="cpu", devices=8, ring=8, lengths=(4096, 8192, 16384), check_len=1024, steps=1,
-                d_model=64, layers=2, heads=4, kv_heads=2, dtype="float32", block=256, loss_chunk=4096),
-    "gpu": dict(platform="gpu", devices=1, ring=1, lengths=(1 << 20,), check_len=4096, steps=2,
-                d_model=512, layers=4, heads=4, kv_heads=2, dtype="bfloat16", block=1024, loss_chunk=65536),
+    "cpu": Preset(platform="cpu", devices=8, ring=8, lengths=(4096, 8192, 16384), check_len=1024, steps=1,
+                  d_model=64, layers=2, heads=4, kv_heads=2, dtype="float32", block=256, loss_chunk=4096),
+    "gpu": Preset(platform="gpu", devices=1, ring=1, lengths=(1 << 20,), check_len=4096, steps=2,
+                  d_model=512, layers=4, heads=4, kv_heads=2, dtype="bfloat16", block=1024, loss_chunk=65536),
 }
 COLUMNS = ("seq_len", "devices", "ring", "kernel", "params", "compile_s", "step_s", "tokens_per_s", "peak_mib",
            "temp_mib", "measured_peak_mib", "loss", "finite", "status")
 MIB = 2.0 ** 20
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--lengths", type=_ints, help="comma-separated sequence lengths (default: the preset's)")
+    parser = harness.Parser("long_context", __doc__, PRESETS,
+                            overrides="config overrides, e.g. model.d_model=128 loss_chunk_size=0")
+    parser.add_argument("--lengths", type=harness.ints,
+                        help="comma-separated sequence lengths (default: the preset's)")
     parser.add_argument("--ring", type=int, help="mesh.sequence: the ring size (default: the preset's)")
     parser.add_argument("--check-len", type=int, help="length of the ring-vs-dense check (0: skip it)")
     parser.add_argument("--steps", type=int, help="train steps per length (the first is not timed when > 1)")
-    parser.add_argument("--results-dir", default=None, help="default: experiments/results/long_context/<preset>")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.d_model=128 loss_chunk_size=0")
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
-    args.lengths = args.lengths or preset["lengths"]
-    args.ring = preset["ring"] if args.ring is None else args.ring
-    args.check_len = preset["check_len"] if args.check_len is None else args.check_len
-    args.steps = preset["steps"] if args.steps is None else args.steps
-    args.results_dir = Path(args.results_dir or f"experiments/results/long_context/{args.preset}")
     problems = [f"--lengths has {n}; lengths must be >= 2" for n in args.lengths if n < 2]
     if args.ring < 1:
         problems.append(f"--ring {args.ring} must be >= 1")
@@ -87,18 +94,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _start_jax(args):
     """Import jax on the preset's platform; the CPU preset asks for fake host devices first."""
     preset = PRESETS[args.preset]
-    if preset["platform"] == "cpu" and "jax" not in sys.modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={preset['devices']}".strip()
+    if preset.platform == "cpu" and "jax" not in sys.modules:
+        harness.fake_cpu_devices(preset.devices)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    if preset["platform"] == "gpu" and jax.default_backend() != "gpu":
+    if preset.platform == "gpu" and jax.default_backend() != "gpu":
         raise ValueError(f"--preset gpu needs a GPU, but the JAX backend is {jax.default_backend()!r}; "
                          "use --preset cpu")
     devices = jax.devices()
-    if preset["platform"] == "cpu" and jax.default_backend() != "cpu":
+    if preset.platform == "cpu" and jax.default_backend() != "cpu":
         raise ValueError(f"--preset cpu must run on the CPU backend, but jax started on {jax.default_backend()!r}; "
                          "run it in a fresh process (the script sets JAX_PLATFORMS=cpu)")
     if args.ring > len(devices):
@@ -116,11 +121,10 @@ def make_config(args, seq_len: int, *, ring: int, kernel: str | None = None):
 
     p = PRESETS[args.preset]
     cfg = Config(
-        model=ModelConfig(d_model=p["d_model"], num_layers=p["layers"], num_heads=p["heads"],
-                          num_kv_heads=p["kv_heads"], rope_theta=10_000_000.0, dtype=p["dtype"], remat="full",
-                          attention_block_size=p["block"]),
+        model=ModelConfig(d_model=p.d_model, num_layers=p.layers, num_heads=p.heads, num_kv_heads=p.kv_heads,
+                          rope_theta=10_000_000.0, dtype=p.dtype, remat="full", attention_block_size=p.block),
         data=DataConfig(dataset="kjv", global_batch_size=1),
-        loss_chunk_size=p["loss_chunk"], steps=100, eval_every=0, run_dir="runs/long_context",
+        loss_chunk_size=p.loss_chunk, steps=100, eval_every=0, run_dir="runs/long_context",
         progress_bar=False, tensorboard=False)
     cfg = apply_overrides(cfg, list(args.overrides))
     model = replace(cfg.model, max_seq_len=seq_len, attention_kernel=kernel or cfg.model.attention_kernel)
@@ -149,25 +153,16 @@ class StepResult:
 
 def kernel_name(cfg, batch_np: dict) -> str:
     """The attention kernel the model runs for this config and batch (as the layers decide it)."""
-    import jax
-    import numpy as np
-
+    from transformer.layers.attention import attention_mask
     from transformer.ops import attention as attention_ops
-    from transformer.ops import ring_attention as ra
 
     m = cfg.model
+    mask = attention_mask(m, causal=True)
     if cfg.mesh.sequence > 1:
-        block = ra.resolve_block_kernel(m.attention_kernel, m.dtype, has_alibi=m.position == "alibi",
-                                        window=m.sliding_window, head_dim=m.dim_per_head)
-        return f"ring/{block}"
-    shape = batch_np["positions_BL"].shape
-    q = jax.ShapeDtypeStruct((*shape, m.num_heads, m.dim_per_head), jax.numpy.dtype(m.dtype))
-    k = jax.ShapeDtypeStruct((*shape, m.kv_heads, m.dim_per_head), q.dtype)
+        return "ring/" + attention_ops.select_kernel(m.attention_kernel, mask, m.dtype, m.dim_per_head, mesh=cfg.mesh)
     pos, seg = batch_np["positions_BL"], batch_np["segment_ids_BL"]
-    return attention_ops.choose_implementation(
-        m.attention_kernel, q, k, k, causal=True, sliding_window=m.sliding_window,
-        alibi_slopes_H=np.ones(m.num_heads) if m.position == "alibi" else None,
-        layout_ok=attention_ops.cudnn_layout_ok(pos, pos, seg, seg))
+    return attention_ops.select_kernel(m.attention_kernel, mask, m.dtype, m.dim_per_head,
+                                       layout_ok=attention_ops.cudnn_layout_ok(pos, pos, seg, seg))
 
 
 def initial_state(cfg, cache: dict):
@@ -212,7 +207,7 @@ def run_steps(cfg, devices, steps: int, initial) -> StepResult:
         compiled = step.lower(graphdef, abstract, batch).compile()
         compile_s = time.perf_counter() - started
         params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.filter_state(abstract["model"], nnx.Param)))
-        peak, temp = _compiled_mib(compiled)
+        peak, temp = harness.compiled_memory_mib(compiled)
         limit = (devices[0].memory_stats() or {}).get("bytes_limit")
         status, first, seconds = "ok", {}, []
         if limit and peak * MIB > limit:
@@ -237,17 +232,6 @@ def run_steps(cfg, devices, steps: int, initial) -> StepResult:
                       cfg.data.global_batch_size * cfg.data.seq_len / step_s, peak, temp, measured,
                       float(first.get("loss", float("nan"))), bool(first.get("finite", False)),
                       float(first.get("grad_norm", float("nan"))), status)
-
-
-def _compiled_mib(compiled) -> tuple[float, float]:
-    """(peak, temporaries) in MiB per device from XLA's memory analysis: peak = arguments + outputs -
-    aliased (donated) + temporaries."""
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return float("nan"), float("nan")
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
-    return peak / MIB, memory.temp_size_in_bytes / MIB
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -315,40 +299,34 @@ def _cell(column: str, value) -> str:
 
 
 def write_results(args, rows: list[StepResult], check: dict | None) -> None:
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    table = [[getattr(r, c) for c in COLUMNS] for r in rows]
-    with open(args.results_dir / "long_context.csv", "w", newline="") as f:
-        csv.writer(f).writerows([list(COLUMNS)] + table)
-    cfg = make_config(args, rows[0].seq_len, ring=args.ring) if rows else None
-    lines = []
-    if cfg is not None:
-        m = cfg.model
-        lines.append(f"preset {args.preset}: one train step (fwd + bwd + AdamW) on KJV text, batch 1, d_model "
-                     f"{m.d_model}, {m.num_layers} layers, {m.num_heads} heads ({m.kv_heads} kv), {m.dtype}, remat "
-                     f"{m.remat}, loss chunk {cfg.loss_chunk_size} tokens, attention block {m.attention_block_size}; "
-                     f"step time is the median of {max(args.steps - 1, 1)} timed step(s); peak = compiled "
-                     "arguments + outputs - aliased + temporaries per device."
-                     + (" CPU: the fake devices share the host's cores, so only memory, loss and the check are "
-                        "meaningful, not the speed." if PRESETS[args.preset]["platform"] == "cpu" else "") + "\n")
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    lines += ["| " + " | ".join(_cell(c, v) for c, v in zip(COLUMNS, row)) + " |" for row in table]
+    table = [{c: getattr(r, c) for c in COLUMNS} for r in rows]
+    markdown = harness.markdown_table(COLUMNS, [[_cell(c, v) for c, v in row.items()] for row in table])
     if check:
-        lines += ["", _format_check(check)]
-    (args.results_dir / "long_context.md").write_text("\n".join(lines) + "\n")
-    written = ["long_context.csv", "long_context.md"]
-    if sum(r.status == "ok" for r in rows) > 1:
-        plot([r for r in rows if r.status == "ok"], args.results_dir / "long_context.png")
-        written.append("long_context.png")
-    print(f"wrote {', '.join(str(args.results_dir / name) for name in written)}")
+        markdown += f"\n{_format_check(check)}\n"
+    written = harness.write_results(args.results_dir, "long_context", table,
+                                    f"{_settings(args, rows[0].seq_len)}\n\n{markdown}")
+    ok = [r for r in rows if r.status == "ok"]
+    if len(ok) > 1:
+        written.append(args.results_dir / "long_context.png")
+        plot(ok, written[-1])
+    print(f"wrote {', '.join(map(str, written))}")
+
+
+def _settings(args, seq_len: int) -> str:
+    """The markdown's first paragraph: what was run and how to read it."""
+    cfg = make_config(args, seq_len, ring=args.ring)
+    m = cfg.model
+    return (f"preset {args.preset}: one train step (fwd + bwd + AdamW) on KJV text, batch 1, d_model "
+            f"{m.d_model}, {m.num_layers} layers, {m.num_heads} heads ({m.kv_heads} kv), {m.dtype}, remat "
+            f"{m.remat}, loss chunk {cfg.loss_chunk_size} tokens, attention block {m.attention_block_size}; "
+            f"step time is the median of {max(args.steps - 1, 1)} timed step(s); peak = compiled "
+            "arguments + outputs - aliased + temporaries per device."
+            + (" CPU: the fake devices share the host's cores, so only memory, loss and the check are "
+               "meaningful, not the speed." if PRESETS[args.preset].platform == "cpu" else ""))
 
 
 def plot(rows: list[StepResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     lengths = [r.seq_len for r in rows]
     unit, scale = ("GiB", 1024) if max(r.peak_mib for r in rows) > 1024 else ("MiB", 1)
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(10, 4))
@@ -361,9 +339,7 @@ def plot(rows: list[StepResult], path: Path) -> None:
     speed.plot(lengths, [r.step_s for r in rows], "o-")
     speed.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="seconds",
               title="train step time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def cli(argv=None) -> int:
@@ -378,5 +354,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(cli())

@@ -28,19 +28,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pe_extrapolation import train_run, write_csv  # noqa: E402
+import harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset(harness.TrainingPreset):
+    """The model and training run of every setting, and the base routing the sweep varies."""
+
+    seq_len: int
+    experts: int
+    top_k: int
+    expert_variants: tuple[int, ...]
+    log_every: int
+    eval_batches: int
+    router_z_loss: float
+    dtype: str = "float32"
+
 
 PRESETS = {
-    "cpu": dict(d_model=64, layers=2, heads=4, seq_len=64, batch=16, steps=200, lr=3e-3, warmup=20, experts=8,
-                top_k=2, expert_variants=(4, 16), log_every=10, eval_batches=8, router_z_loss=0.0),
-    "gpu": dict(d_model=512, layers=8, heads=8, seq_len=512, batch=32, steps=500, lr=1e-3, warmup=50, experts=16,
-                top_k=2, expert_variants=(8, 32), log_every=20, eval_batches=16, router_z_loss=0.0,
-                dtype="bfloat16"),
+    "cpu": Preset(d_model=64, layers=2, heads=4, seq_len=64, batch=16, steps=200, lr=3e-3, warmup=20, experts=8,
+                  top_k=2, expert_variants=(4, 16), log_every=10, eval_batches=8, router_z_loss=0.0),
+    "gpu": Preset(d_model=512, layers=8, heads=8, seq_len=512, batch=32, steps=500, lr=1e-3, warmup=50,
+                  experts=16, top_k=2, expert_variants=(8, 32), log_every=20, eval_batches=16, router_z_loss=0.0,
+                  dtype="bfloat16"),
 }
 COEFS = (0.0, 1e-3, 1e-2, 1e-1)
 DEFAULT_COEF = 1e-2
@@ -61,51 +75,38 @@ class Setting:
         return f"{self.router}_e{self.experts}_k{self.top_k}_lb{self.coef:g}"
 
 
-def sweep(p: dict, groups: list[str], coefs: list[float]) -> list[Setting]:
+def sweep(p: Preset, groups: list[str], coefs: Sequence[float]) -> list[Setting]:
     """The settings of the chosen groups, base first, without repeats."""
-    base = dict(experts=p["experts"], top_k=p["top_k"])
+    base = dict(experts=p.experts, top_k=p.top_k)
     settings = []
     if "coef" in groups:
         settings += [Setting("softmax_topk", coef=c, **base) for c in coefs]
     if "experts" in groups:
-        settings += [Setting("softmax_topk", e, p["top_k"], DEFAULT_COEF) for e in p["expert_variants"]]
+        settings += [Setting("softmax_topk", e, p.top_k, DEFAULT_COEF) for e in p.expert_variants]
     if "router" in groups:
-        settings += [Setting("switch", p["experts"], 1, DEFAULT_COEF), Setting("switch", p["experts"], 1, 0.0),
+        settings += [Setting("switch", p.experts, 1, DEFAULT_COEF), Setting("switch", p.experts, 1, 0.0),
                      Setting("mixtral", coef=DEFAULT_COEF, **base), Setting("expert_choice", coef=DEFAULT_COEF, **base),
                      Setting("sigmoid_bias", coef=0.0, **base)]
     return list(dict.fromkeys(settings))
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more coefficients >= 0")
-    return values
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--results-dir", default=None, help="default: experiments/results/moe_routing/<preset>")
-    parser.add_argument("--runs-dir", default=None, help="default: runs/moe_routing/<preset>")
-    parser.add_argument("--coefs", type=_float_list, default=list(COEFS), help="load-balancing coefficients")
+    parser = harness.Parser("moe_routing", __doc__, PRESETS, runs_dir=True,
+                            overrides="config overrides applied to every run before the swept moe fields, "
+                                      "e.g. steps=100")
+    parser.add_argument("--coefs", type=harness.floats, default=COEFS, help="load-balancing coefficients")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"subset of {','.join(GROUPS)}")
     parser.add_argument("--compile-cache", default=None,
                         help="persistent JAX compilation cache (runs of the sweep share their init executables); "
                              "default: <runs-dir>/jax_cache, unless JAX already has a cache directory; '' disables")
-    parser.add_argument("overrides", nargs="*",
-                        help="config overrides applied to every run before the swept moe fields, e.g. steps=100")
     args = parser.parse_args(argv)
+    if any(c < 0 for c in args.coefs):
+        parser.error(f"--coefs {','.join(map(str, args.coefs))}: give one or more coefficients >= 0")
     args.groups = [g for g in args.groups.split(",") if g]
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown or not args.groups:
         bad = f"unknown group {unknown[0]!r}" if unknown else "--groups is empty"
         parser.error(f"{bad}; choose from {', '.join(GROUPS)}")
-    args.results_dir = Path(args.results_dir or f"experiments/results/moe_routing/{args.preset}")
-    args.runs_dir = Path(args.runs_dir or f"runs/moe_routing/{args.preset}")
     if args.compile_cache is None:
         args.compile_cache = str(args.runs_dir / "jax_cache")
     return args
@@ -121,22 +122,14 @@ def use_compile_cache(path: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def run_config(p: dict, setting: Setting, run_dir: Path, overrides: list[str]):
-    from transformer.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, MoEConfig,
-                                    OptimConfig, apply_overrides)
+def run_config(p: Preset, setting: Setting, run_dir: Path, overrides: list[str]):
+    from transformer.config import MoEConfig, apply_overrides
 
-    moe = MoEConfig(num_experts=p["experts"], top_k=p["top_k"], router_z_loss_coef=p["router_z_loss"])
-    cfg = Config(
-        model=ModelConfig(d_model=p["d_model"], num_layers=p["layers"], num_heads=p["heads"],
-                          max_seq_len=p["seq_len"], attention_block_size=p["seq_len"],
-                          dtype=p.get("dtype", "float32"), moe=moe),
-        mesh=MeshConfig(data=1),
-        data=DataConfig(seq_len=p["seq_len"], global_batch_size=p["batch"]),
-        optim=OptimConfig(lr=p["lr"], warmup_steps=p["warmup"]),
-        checkpoint=CheckpointConfig(every_steps=max(p["steps"] // 2, 1), keep_last=1),
-        steps=p["steps"], eval_every=p["steps"], eval_batches=p["eval_batches"], log_every=p["log_every"],
-        run_dir=str(run_dir), progress_bar=False, tensorboard=False,
-    )
+    moe = MoEConfig(num_experts=p.experts, top_k=p.top_k, router_z_loss_coef=p.router_z_loss)
+    cfg = p.training_config(
+        seq_len=p.seq_len, run_dir=run_dir, checkpoints=2,
+        model=dict(max_seq_len=p.seq_len, attention_block_size=p.seq_len, dtype=p.dtype, moe=moe),
+        eval_every=p.steps, eval_batches=p.eval_batches, log_every=p.log_every)
     cfg = apply_overrides(cfg, overrides)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(
         cfg.model.moe, router=setting.router, num_experts=setting.experts, top_k=setting.top_k,
@@ -199,26 +192,16 @@ COLUMNS = (("run", "run", "s"), ("lb_coef", "LB coef", "g"), ("train_loss", "tra
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|:---|" + "---:|" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(format(r[key], fmt) for key, _, fmt in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return harness.markdown_table([title for _, title, _ in COLUMNS],
+                                  [[format(r[key], fmt) for key, _, fmt in COLUMNS] for r in rows],
+                                  align=[":---"] + ["---:"] * (len(COLUMNS) - 1))
 
 
 def plot_load(runs: dict[Setting, list[dict]], coef_settings: list[Setting], path: Path) -> None:
     """Load imbalance over training: CV(load) of the runs with the base experts and top-k (coefficient sweep
     solid), CV(load) / CV(full collapse) of every run, and the per-expert load of the last MoE layer for the
     smallest and the default (else the largest) coefficient."""
-    plt = _pyplot()
+    plt = harness.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     base = coef_settings[0]
     for setting, records in runs.items():
@@ -249,15 +232,13 @@ def plot_load(runs: dict[Setting, list[dict]], coef_settings: list[Setting], pat
         ax.set(xlabel="step", ylabel=f"load fraction, MoE layer {layer}", ylim=(0, 1),
                title=f"Per-expert load, LB coef {setting.coef:g}")
     axes[1][0].legend(fontsize=6, loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def plot_coef(rows: list[dict], path: Path) -> None:
     """Eval loss, CV(load) and max/mean load against the coefficient (log x; coefficient 0 drawn one decade
     left of the smallest positive one)."""
-    plt = _pyplot()
+    plt = harness.pyplot()
     rows = sorted(rows, key=lambda r: r["lb_coef"])
     positive = [r["lb_coef"] for r in rows if r["lb_coef"] > 0]
     zero_at = min(positive) / 10 if positive else 1e-4
@@ -279,9 +260,7 @@ def plot_coef(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", xlabel="LB coefficient (0 shown at the left)")
         ax.set_xticks(xs, labels)
         ax.minorticks_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:
@@ -290,21 +269,19 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     p = PRESETS[args.preset]
     settings = sweep(p, args.groups, args.coefs)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     use_compile_cache(args.compile_cache)
     started = time.perf_counter()
     print(f"MoE routing sweep ({args.preset}): {len(settings)} runs", flush=True)
     runs = {}
     for setting in settings:
         run_dir = args.runs_dir / setting.name
-        train_run(run_config(p, setting, run_dir, args.overrides))
+        harness.train_run(run_config(p, setting, run_dir, args.overrides))
         runs[setting] = read_metrics(str(run_dir))
     rows = [summarize(s, records) for s, records in runs.items()]
-    coef_settings = [s for s in settings if s.router == "softmax_topk" and s.experts == p["experts"]
-                     and s.top_k == p["top_k"] and "coef" in args.groups]
-    write_csv(args.results_dir / "moe_routing.csv", rows)
+    coef_settings = [s for s in settings if s.router == "softmax_topk" and s.experts == p.experts
+                     and s.top_k == p.top_k and "coef" in args.groups]
     table = markdown_table(rows)
-    (args.results_dir / "moe_routing.md").write_text(table)
+    harness.write_results(args.results_dir, "moe_routing", rows, table)
     plot_load(runs, coef_settings or list(runs)[:1], args.results_dir / "load_over_training.png")
     if coef_settings:
         plot_coef([r for s, r in zip(runs, rows) if s in coef_settings], args.results_dir / "loss_vs_coef.png")
@@ -314,5 +291,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

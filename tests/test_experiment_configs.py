@@ -1,8 +1,11 @@
-"""Experiment config files (experiments/configs/*.py) and `--config` loading."""
+"""Experiment config files (experiments/configs/*.py) and `--config` loading; the experiment scripts' command
+lines (experiments/*.py, through experiments/harness.py)."""
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 
 import jax
@@ -11,8 +14,11 @@ import pytest
 from transformer import sharding
 from transformer.config import Config, ConfigError, config_from_args, get_preset, load_config_file
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+CONFIG_DIR = EXPERIMENTS / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
+SCRIPTS = ("bench_attention", "long_context", "moe_routing", "pe_extrapolation")
+sys.path.insert(0, str(EXPERIMENTS))  # as when run as a script
 
 
 def test_there_are_experiment_configs():
@@ -68,3 +74,43 @@ def test_bad_config_arguments_raise_clear_errors(tmp_path, make_argv, needle):
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_states_its_command_and_has_help(name, capsys):
+    script = importlib.import_module(name)
+    assert f"python experiments/{name}.py --preset cpu" in script.__doc__
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0 and f"experiments/results/{name}/<preset>" in capsys.readouterr().out
+
+
+def test_unset_flags_take_the_presets_values():
+    bench = importlib.import_module("bench_attention")
+    args = bench.parse_args(["--preset", "gpu", "--heads", "32", "--lengths", "8192,16384"])
+    assert (args.heads, args.lengths, args.kv_heads) == (32, (8192, 16384), bench.PRESETS["gpu"].kv_heads)
+    assert args.results_dir == Path("experiments/results/bench_attention/gpu")
+    pe = importlib.import_module("pe_extrapolation").parse_args(["--runs-dir", "elsewhere"])
+    assert (pe.runs_dir, pe.results_dir) == (Path("elsewhere"), Path("experiments/results/pe_extrapolation/cpu"))
+
+
+BAD_ARGUMENTS = {  # script: {arguments: the error they give}
+    "bench_attention": {"--methods ring,flash": r"unknown method 'flash'",
+                        "--heads 6 --kv-heads 4": r"--heads=6 must be a multiple of --kv-heads=4"},
+    "long_context": {"--lengths 1000": r"1000, which is not divisible by 2 x ring 8 = 16",
+                     "--check-len 24": r"--check-len has 24.*multiple of 16",
+                     "--ring 0": r"--ring 0 must be >= 1",
+                     "--lengths 8k": r"'8k' is not a comma-separated list of integers"},
+    "moe_routing": {"--groups coef,topk": r"unknown group 'topk'",
+                    "--coefs 0,-1": r"coefficients >= 0",
+                    "--coefs 1e-2,x": r"not a comma-separated list of numbers"},
+    "pe_extrapolation": {"--encodings rope,xpos": r"unknown encoding 'xpos'"},
+}
+
+
+@pytest.mark.parametrize("name, arguments, match", [
+    (name, arguments, match) for name, cases in BAD_ARGUMENTS.items() for arguments, match in cases.items()])
+def test_script_rejects_bad_arguments_before_running(name, arguments, match, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(name).parse_args(arguments.split())
+    assert re.search(match, capsys.readouterr().err)

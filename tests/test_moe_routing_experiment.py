@@ -5,14 +5,13 @@ written, and a rerun reuses the finished run."""
 import csv
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # as when run as a script
 import moe_routing as mr  # noqa: E402
 
 TINY = ["mesh.data=-1", "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32",
@@ -104,18 +103,7 @@ def test_swept_fields_win_over_overrides():
     assert (moe.router, moe.num_experts, moe.top_k, moe.load_balance_coef) == ("mixtral", 4, 1, 0.1)
     assert moe.router_z_loss_coef == 0.0 and cfg.model.d_model == 32
     assert (cfg.steps, cfg.eval_every) == (40, 7)
-    assert mr.run_config(p, setting, Path("unused"), []).eval_every == p["steps"]  # one evaluation, at the end
-    names = [s.name for s in mr.sweep(p, list(mr.GROUPS), list(mr.COEFS))]
+    assert mr.run_config(p, setting, Path("unused"), []).eval_every == p.steps  # one evaluation, at the end
+    names = [s.name for s in mr.sweep(p, list(mr.GROUPS), mr.COEFS)]
     assert len(names) == len(set(names)) == 11 and names[0] == "softmax_topk_e8_k2_lb0"
     assert "sigmoid_bias_e8_k2_lb0" in names and "switch_e8_k1_lb0" in names
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["--groups", "coef,topk"], r"unknown group 'topk'"),
-    (["--coefs", "0,-1"], r"coefficients >= 0"),
-    (["--coefs", "1e-2,x"], r"not a comma-separated list of numbers"),
-])
-def test_bad_arguments_fail_before_training(argv, match, capsys):
-    with pytest.raises(SystemExit):
-        mr.parse_args(argv)
-    assert re.search(match, capsys.readouterr().err)

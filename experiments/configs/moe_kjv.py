@@ -8,7 +8,7 @@ entropy, expert reuse) is in metrics.jsonl and TensorBoard under moe/.
     python -m transformer.train --config experiments/configs/moe_kjv.py model.moe.router=sigmoid_bias model.moe.load_balance_coef=0
 """
 
-from transformer.config import CheckpointConfig, Config, DataConfig, ModelConfig, MoEConfig, OptimConfig
+from transformer.config import Config, DataConfig, ModelConfig, MoEConfig, OptimConfig
 
 
 def get_config() -> Config:
@@ -18,7 +18,6 @@ def get_config() -> Config:
                                         capacity_factor=1.25, load_balance_coef=1e-2, router_z_loss_coef=1e-3)),
         data=DataConfig(dataset="kjv", seq_len=256, global_batch_size=32),
         optim=OptimConfig(lr=1e-3, warmup_steps=200),
-        checkpoint=CheckpointConfig(every_steps=500, keep_last=3),
-        steps=3000, eval_every=250, eval_batches=8, log_every=25,
+        steps=3000, eval_every=250, log_every=25,
         run_dir="runs/moe_kjv",
     )
