@@ -6,8 +6,8 @@
 
 Everything is the library's own training path: `Config`/`ModelConfig` (bf16 on GPU, full remat,
 `loss_chunk_size` so the L x vocab logits never exist at once), `sharding.make_mesh`,
-`train.abstract_train_state` / `init_train_state` / `make_train_step` / `place_batch`, and KJV text
-from `data.make_dataset`. With mesh.sequence > 1 the attention layers run Ring Attention over the
+`train.abstract_train_state` / `init_train_state` / `make_train_step`, `data.placement.place_batch`,
+and KJV text from `data.make_dataset`. With mesh.sequence > 1 the attention layers run Ring Attention over the
 zigzag-ordered sequence; with mesh.sequence = 1 (the GPU preset) they run `ops.attention`'s "auto"
 kernel, cuDNN flash attention for these unpacked batches on a GPU.
 
@@ -192,7 +192,8 @@ def run_steps(cfg, devices, steps: int, initial) -> StepResult:
 
     from transformer import sharding
     from transformer.data import make_dataset
-    from transformer.train import abstract_train_state, make_train_step, place_batch
+    from transformer.data.placement import place_batch
+    from transformer.train import abstract_train_state, make_train_step
 
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.validate_for_mesh(cfg, mesh)

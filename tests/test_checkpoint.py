@@ -90,6 +90,15 @@ def checkpointer(cfg: Config) -> Checkpointer:
     return Checkpointer(cfg.run_dir, cfg.checkpoint, config=cfg)
 
 
+def saved_run(tmp_path, *steps: int) -> Config:
+    """The config of a run in tmp_path/run that saved trained_state(step) as checkpoint `step` for each step."""
+    cfg = make_config(tmp_path, every_steps=1)
+    with checkpointer(cfg) as ckpt:
+        for step in steps:
+            ckpt.maybe_save(step, trained_state(step))
+    return cfg
+
+
 def test_roundtrip_is_bitwise_and_holds_everything(tmp_path):
     cfg = make_config(tmp_path, every_steps=1, async_save=True)
     state = trained_state(3)
@@ -198,9 +207,7 @@ def test_interrupted_async_save_is_ignored(tmp_path):
 
 
 def test_no_good_checkpoint_raises(tmp_path):
-    cfg = make_config(tmp_path, every_steps=1)
-    with checkpointer(cfg) as ckpt:
-        ckpt.maybe_save(1, trained_state(1))
+    cfg = saved_run(tmp_path, 1)
     (tmp_path / "run" / "checkpoints" / "1" / "commit_success.txt").unlink()
     with checkpointer(cfg) as ckpt, pytest.warns(CheckpointWarning):
         with pytest.raises(ValueError, match="no restorable checkpoint"):
@@ -209,9 +216,7 @@ def test_no_good_checkpoint_raises(tmp_path):
 
 
 def test_config_mismatch_names_fields(tmp_path):
-    cfg = make_config(tmp_path, every_steps=1)
-    with checkpointer(cfg) as ckpt:
-        ckpt.maybe_save(1, trained_state(1))
+    cfg = saved_run(tmp_path, 1)
     other = Config(model=ModelConfig(d_model=32, num_layers=1, num_heads=2), run_dir=cfg.run_dir,
                    checkpoint=cfg.checkpoint)
     with pytest.raises(ConfigError, match=r"model\.d_model: saved 16, current 32"):
@@ -224,9 +229,7 @@ def test_config_mismatch_names_fields(tmp_path):
 
 
 def test_resumable_fields_may_change(tmp_path):
-    cfg = make_config(tmp_path, every_steps=1)
-    with checkpointer(cfg) as ckpt:
-        ckpt.maybe_save(1, trained_state(1))
+    cfg = saved_run(tmp_path, 1)
     longer = Config(model=cfg.model, mesh=MeshConfig(data=2, fsdp=-1), run_dir=cfg.run_dir, steps=5000,
                     checkpoint=CheckpointConfig(every_steps=7, async_save=False), progress_bar=False)
     assert config_differences(json.loads(cfg.to_json()), longer) == []
@@ -257,10 +260,7 @@ def test_restore_onto_smaller_mesh(tmp_path, num_devices):
 
 
 def test_restore_params_from_run_dir_and_step_dir(tmp_path):
-    cfg = make_config(tmp_path, every_steps=1)
-    with checkpointer(cfg) as ckpt:
-        ckpt.maybe_save(1, trained_state(1))
-        ckpt.maybe_save(2, trained_state(2))
+    cfg = saved_run(tmp_path, 1, 2)
     abstract_params = nnx.state(nnx.eval_shape(lambda: TinyLM(16, rngs=nnx.Rngs(0))), nnx.Param)
     expected = {k: trained_state(2)["model"][k] for k in ("embed_VD", "w_DF")}
     params = restore_params(cfg.run_dir, abstract_params)
@@ -280,9 +280,7 @@ def test_restore_params_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no complete checkpoint"):
         restore_params(str(tmp_path / "empty"), abstract_params)
-    cfg = make_config(tmp_path, every_steps=1)
-    with checkpointer(cfg) as ckpt:
-        ckpt.maybe_save(1, trained_state(1))
+    cfg = saved_run(tmp_path, 1)
     wider = nnx.state(nnx.eval_shape(lambda: TinyLM(24, rngs=nnx.Rngs(0))), nnx.Param)
     with pytest.raises(ValueError, match=r"embed_VD has shape \(32, 16\) .* but \(32, 24\)"):
         restore_params(cfg.run_dir, wider)

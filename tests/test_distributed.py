@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,21 +19,7 @@ from transformer import aot, distributed, sharding
 from transformer.config import Config, DataConfig, MeshConfig, ModelConfig
 from transformer.train import abstract_train_state
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMER_", "SLURM_", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+from processes import REPO, cpu_env, free_port, run_two_processes
 
 
 # ---------------------------------------------------------------- in-process behaviour
@@ -239,22 +224,8 @@ def test_two_processes_match_one_process(tmp_path):
     (reference,) = _losses(single.stdout)
     assert (reference["count"], reference["devices"], reference["rows"]) == (1, 8, 8)
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=cpu_env(4, TRANSFORMER_COORDINATOR=f"127.0.0.1:{port}",
-                                          TRANSFORMER_NUM_PROCESSES="2", TRANSFORMER_PROCESS_ID=str(rank),
-                                          TRANSFORMER_INIT_TIMEOUT="120"))
-             for rank in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=300) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
-    results = sorted((r for out, _ in outputs for r in _losses(out)), key=lambda r: r["process"])
+    outputs = run_two_processes([str(script)], timeout=300, TRANSFORMER_INIT_TIMEOUT="120")
+    results = sorted((r for out in outputs for r in _losses(out)), key=lambda r: r["process"])
     assert [(r["process"], r["count"], r["devices"], r["rows"]) for r in results] == [(0, 2, 8, 4), (1, 2, 8, 4)]
     assert results[0]["losses"] == results[1]["losses"]
     assert reference["losses"][-1] < reference["losses"][0]

@@ -50,12 +50,12 @@ def logits_of(model, tokens_BL):
     return model(tokens_BL)[0]
 
 
-def reference_perplexity(model, tokens_NT: np.ndarray, score_from: int = 0) -> tuple[float, int]:
+def reference_perplexity(model, tokens_ZL: np.ndarray, score_from: int = 0) -> tuple[float, int]:
     """(float64 perplexity of targets score_from.. of one forward pass per row, scored tokens)."""
-    logits = np.asarray(logits_of(model, tokens_NT[:, :-1]), np.float64)
+    logits = np.asarray(logits_of(model, tokens_ZL[:, :-1]), np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, tokens_NT[:, 1:, None], -1)[..., 0][:, score_from:]
+    nll = -np.take_along_axis(logp, tokens_ZL[:, 1:, None], -1)[..., 0][:, score_from:]
     return float(np.exp(nll.mean())), nll.size
 
 
@@ -84,10 +84,10 @@ def test_chunk_perplexity_matches_float64_reference(loaded):
 
 def test_sliding_window_perplexity_matches_hand_windows(loaded):
     model = nnx.merge(loaded.graphdef, loaded.state)
-    tokens_NT = make_dataset(loaded.cfg.data, "eval").eval_sequences(64, 2)
+    tokens_ZL = make_dataset(loaded.cfg.data, "eval").eval_sequences(64, 2)
     # window 32 (= data.seq_len), stride 16: windows at 0, 16, 32 score targets [0, 32), [32, 48), [48, 64)
-    parts = [reference_perplexity(model, tokens_NT[:, 0:33], 0), reference_perplexity(model, tokens_NT[:, 16:49], 16),
-             reference_perplexity(model, tokens_NT[:, 32:65], 16)]
+    parts = [reference_perplexity(model, tokens_ZL[:, 0:33], 0), reference_perplexity(model, tokens_ZL[:, 16:49], 16),
+             reference_perplexity(model, tokens_ZL[:, 32:65], 16)]
     want = np.exp(sum(np.log(p) * n for p, n in parts) / sum(n for _, n in parts))
     (got,) = evaluate.perplexity_at_lengths(loaded, [64], 2, mode="sliding", stride=16)
     assert got["tokens"] == 128 and got["window"] == 32 and got["stride"] == 16
@@ -156,16 +156,16 @@ def training_layout(length: int, digits: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_passkey_prompts_have_the_training_layout():
     length, digits = PASSKEY_LENGTH, 4
-    masked_A, train_inputs_NL = training_layout(length, digits)
-    batch, index_NA, answers_NA = evaluate.passkey_batch(length, 0.5, 3, np.random.default_rng(0), digits=digits)
+    masked_Y, train_inputs_BL = training_layout(length, digits)
+    batch, index_ZY, answers_ZY = evaluate.passkey_batch(length, 0.5, 3, np.random.default_rng(0), digits=digits)
     assert batch["inputs_BL"].shape == (3, length)
     for row in range(3):
-        np.testing.assert_array_equal(index_NA[row], masked_A)
-        np.testing.assert_array_equal(batch["loss_mask_BL"][row], np.isin(np.arange(length), masked_A))
+        np.testing.assert_array_equal(index_ZY[row], masked_Y)
+        np.testing.assert_array_equal(batch["loss_mask_BL"][row], np.isin(np.arange(length), masked_Y))
         key = re.search(r"The pass key is (\d{4})\.", tokenizer.decode(batch["inputs_BL"][row])).group(1)
-        assert tokenizer.decode(answers_NA[row]) == key
-    question = slice(masked_A[0] + 1 - len(QUESTION), masked_A[0] + 1)
-    np.testing.assert_array_equal(batch["inputs_BL"][:, question], train_inputs_NL[:3, question])
+        assert tokenizer.decode(answers_ZY[row]) == key
+    question = slice(masked_Y[0] + 1 - len(QUESTION), masked_Y[0] + 1)
+    np.testing.assert_array_equal(batch["inputs_BL"][:, question], train_inputs_BL[:3, question])
 
 
 def test_passkey_accuracy_of_an_oracle_of_the_training_rows_is_one(loaded, monkeypatch):
@@ -174,18 +174,18 @@ def test_passkey_accuracy_of_an_oracle_of_the_training_rows_is_one(loaded, monke
     elsewhere) scores 1.0."""
     digits = loaded.cfg.data.passkey_digits
 
-    def oracle_argmax_at(graphdef, state, batch, index_BA):
+    def oracle_argmax_at(graphdef, state, batch, index_BY):
         inputs_BL = np.asarray(batch["inputs_BL"])
-        masked_A, _ = training_layout(inputs_BL.shape[1], digits)
-        predicted_BA = np.full(np.shape(index_BA), tokenizer.PAD)
+        masked_Y, _ = training_layout(inputs_BL.shape[1], digits)
+        predicted_BY = np.full(np.shape(index_BY), tokenizer.PAD)
         for b, row in enumerate(inputs_BL):
             key = tokenizer.encode(re.search(rf"The pass key is (\d{{{digits}}})\.", tokenizer.decode(row)).group(1))
-            if not tokenizer.decode(row[:masked_A[0] + 1]).endswith(QUESTION):
+            if not tokenizer.decode(row[:masked_Y[0] + 1]).endswith(QUESTION):
                 continue  # not the training layout: the question does not end where the answer starts
-            for a, position in enumerate(np.asarray(index_BA)[b]):
-                if position in masked_A:
-                    predicted_BA[b, a] = key[list(masked_A).index(position)]
-        return predicted_BA
+            for a, position in enumerate(np.asarray(index_BY)[b]):
+                if position in masked_Y:
+                    predicted_BY[b, a] = key[list(masked_Y).index(position)]
+        return predicted_BY
 
     monkeypatch.setattr(evaluate, "_argmax_at", oracle_argmax_at)
     results = evaluate.passkey_accuracy(loaded, [PASSKEY_LENGTH], depths=[0.0, 1.0], trials=3)

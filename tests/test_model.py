@@ -17,7 +17,7 @@ from transformer import sharding
 from transformer.config import ConfigError, MeshConfig, ModelConfig, MoEConfig
 from transformer.layers.moe import RouterBias
 from transformer.model import DecoderLM, EncoderDecoderLM, EncoderLM, build_model, count_params, flops_per_token
-from transformer.ops.ring_attention import to_zigzag
+from transformer.ops.layout import to_zigzag
 
 V, D, B, L = 64, 32, 2, 16
 BASE = ModelConfig(vocab_size=V, d_model=D, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
@@ -227,7 +227,7 @@ def test_encoder_decoder_shapes_and_cross_attention():
     np.testing.assert_array_equal(later[:, :9], logits[:, :9])
     # padded source tokens (segment 0) are invisible to target tokens (segment 1)
     src_seg = jnp.asarray(np.repeat((np.arange(12) < 8)[None].astype(np.int32), B, 0))
-    kwargs = dict(src_segment_ids_BS=src_seg, tgt_segment_ids_BT=jnp.ones((B, L), jnp.int32))
+    kwargs = dict(src_segment_ids_BS=src_seg, tgt_segment_ids_BL=jnp.ones((B, L), jnp.int32))
     (padded, _), _ = call(model, src, tgt, **kwargs)
     (repadded, _), _ = call(model, src.at[:, 8:].set(0), tgt, **kwargs)
     np.testing.assert_allclose(padded, repadded, rtol=1e-6, atol=1e-6)
@@ -268,8 +268,8 @@ def test_tiny_model_overfits_fixed_batch():
 def test_gqa_mqa_shapes(kv_heads):
     model = nnx.eval_shape(lambda: build_model(cfg_with(num_kv_heads=kv_heads), rngs=nnx.Rngs(0)))
     attn = model.layers.groups.blocks[0].attn
-    assert attn.q_DHK.shape == (2, D, 4, 8)
-    assert attn.k_DGK.shape == attn.v_DGK.shape == (2, D, kv_heads, 8)
+    assert attn.q_DHW.shape == (2, D, 4, 8)
+    assert attn.k_DGW.shape == attn.v_DGW.shape == (2, D, kv_heads, 8)
     graphdef, state = nnx.split(model)
     logits, _ = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, tokens())
     assert logits.shape == (B, L, V) and logits.dtype == jnp.float32
@@ -381,8 +381,8 @@ def test_init_scales():
     blocks = model.layers.groups.blocks[0]
     std = lambda p: float(np.std(np.asarray(p[...])))
     assert abs(std(model.embed.tokens_VD) / 0.02 - 1) < 0.1
-    assert abs(std(blocks.attn.q_DHK) / 0.02 - 1) < 0.1
-    for out in (blocks.attn.o_HKD, blocks.ffn.down_FD):
+    assert abs(std(blocks.attn.q_DHW) / 0.02 - 1) < 0.1
+    for out in (blocks.attn.o_HWD, blocks.ffn.down_FD):
         assert abs(std(out) / 0.01 - 1) < 0.1
     np.testing.assert_array_equal(blocks.attn_norm.scale[...], 1.0)
 
@@ -412,7 +412,7 @@ def test_sharded_forward_matches_single_device():
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, expert=2))
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, sharding.state_shardings(state, mesh))
-    assert state["layers"]["groups"]["blocks"][0]["attn"]["q_DHK"][...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert state["layers"]["groups"]["blocks"][0]["attn"]["q_DHW"][...].sharding.spec == P(None, "fsdp", "tensor", None)
     with sharding.use_mesh(mesh):
         got, _ = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

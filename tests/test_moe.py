@@ -59,15 +59,15 @@ def np_route(logits, router, k, bias=None):
     return probs, idx, gate
 
 
-def np_keep(idx_BLK, num_experts, capacity):
+def np_keep(idx_BLX, num_experts, capacity):
     """GShard priority: choice rank first, then token order; an expert accepts `capacity` per row."""
-    B, L, K = idx_BLK.shape
-    keep = np.zeros((B, L, K), bool)
+    B, L, X = idx_BLX.shape
+    keep = np.zeros((B, L, X), bool)
     for b in range(B):
         taken = np.zeros(num_experts, int)
-        for k in range(K):
+        for k in range(X):
             for t in range(L):
-                e = idx_BLK[b, t, k]
+                e = idx_BLX[b, t, k]
                 keep[b, t, k] = taken[e] < capacity
                 taken[e] += 1
     return keep

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from processes import REPO, cpu_env, run_two_processes
+
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 STEPS = 30
 TRAIN_ARGS = ["--preset", "tiny", f"steps={STEPS}", "checkpoint.every_steps=5", "checkpoint.keep_last=10",
               "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -41,44 +41,13 @@ def compilation_cache(tmp_path_factory):
     del os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-def child_env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMER_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), **extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_processes(args: list[str], timeout: float) -> None:
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=child_env(4, TRANSFORMER_COORDINATOR=f"127.0.0.1:{port}",
-                                            TRANSFORMER_NUM_PROCESSES="2", TRANSFORMER_PROCESS_ID=str(i)))
-             for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0].decode())
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-4000:]
-
-
 def train_command(run_dir: Path, *extra: str, slow: bool = False) -> list[str]:
     entry = [str(Path(__file__)), "slow-train"] if slow else ["-m", "transformer.train"]
     return [sys.executable, *entry, *TRAIN_ARGS, f"run_dir={run_dir}", *extra]
 
 
 def run_train(run_dir: Path, *extra: str, devices: int = 2, timeout: float = 300) -> str:
-    proc = subprocess.run(train_command(run_dir, *extra), cwd=REPO, env=child_env(devices), capture_output=True,
+    proc = subprocess.run(train_command(run_dir, *extra), cwd=REPO, env=cpu_env(devices), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
@@ -171,6 +140,17 @@ def assert_same_as_reference(run_dir: Path, reference: Path):
     assert biases and any(np.any(b != 0) for b in biases), "router biases never moved; resume of them is untested"
 
 
+def resume_and_compare(run_dir: Path, reference: Path, saved_step: int, context: str) -> None:
+    """Rerun the interrupted run: it ends equal to the reference, and the records of steps up to the checkpoint
+    it resumed from are untouched (a restart from scratch would rewrite their timings)."""
+    raw_before = raw_records(run_dir)
+    run_train(run_dir)
+    assert_same_as_reference(run_dir, reference)
+    raw_after = raw_records(run_dir)
+    assert all(raw_after[step] == raw_before[step] for step in range(1, saved_step + 1)), \
+        f"{context}, newest checkpoint {saved_step}"
+
+
 def jax_leaves_with_names(tree) -> list[tuple[str, np.ndarray]]:
     import jax
 
@@ -181,7 +161,7 @@ def jax_leaves_with_names(tree) -> list[tuple[str, np.ndarray]]:
 def test_killed_run_resumes_bitwise(tmp_path, reference):
     run_dir = tmp_path / "run"
     kill_at = random.randrange(6, STEPS - 3)
-    proc = subprocess.Popen(train_command(run_dir, slow=True), cwd=REPO, env=child_env(2), text=True,
+    proc = subprocess.Popen(train_command(run_dir, slow=True), cwd=REPO, env=cpu_env(2), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         killed_after = wait_for_step(proc, run_dir, kill_at)
@@ -195,19 +175,13 @@ def test_killed_run_resumes_bitwise(tmp_path, reference):
     assert all(before[step] == want[step] for step in before), f"killed after step {killed_after}"
     assert killed_after < STEPS
     resume_from = committed_steps(run_dir)[-1]
-    raw_before = raw_records(run_dir)
-    run_train(run_dir)
-    assert_same_as_reference(run_dir, reference)
-    raw_after = raw_records(run_dir)
-    # steps up to the checkpoint were not run again (a restart from scratch would rewrite their timings)
-    assert all(raw_after[step] == raw_before[step] for step in range(1, resume_from + 1)), \
-        f"killed after step {killed_after}, newest checkpoint {resume_from}"
+    resume_and_compare(run_dir, reference, resume_from, f"killed after step {killed_after}")
 
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, reference):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_command(run_dir, slow=True), cwd=REPO, env=child_env(2), text=True,
+    proc = subprocess.Popen(train_command(run_dir, slow=True), cwd=REPO, env=cpu_env(2), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_step(proc, run_dir, 7)
@@ -223,11 +197,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, reference):
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == stopped_at and (run_dir / "checkpoints" / str(stopped_at) / "commit_success.txt").exists()
     assert not list((run_dir / "checkpoints").glob("*tmp*"))
-    raw_before = raw_records(run_dir)
-    run_train(run_dir)
-    assert_same_as_reference(run_dir, reference)
-    raw_after = raw_records(run_dir)
-    assert all(raw_after[step] == raw_before[step] for step in range(1, stopped_at + 1))
+    resume_and_compare(run_dir, reference, stopped_at, "stopped by SIGTERM")
 
 
 @pytest.mark.slow
@@ -236,7 +206,7 @@ def test_two_process_run_resumes_in_one_process(tmp_path):
     trajectory (close, not bitwise: the reductions run over a different device layout)."""
     two = tmp_path / "two"
     extra = ["steps=10", "data.global_batch_size=8"]
-    launch_two_processes(train_command(two, *extra)[1:], timeout=400)
+    run_two_processes(train_command(two, *extra)[1:], timeout=400)
     one = tmp_path / "one"
     shutil.copytree(two, one)
     shutil.move(one / "checkpoints" / "10", tmp_path / "moved_10")
@@ -297,7 +267,7 @@ def _save_from_two_processes(run_dir: str) -> None:
 @pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(tmp_path):
     run_dir = tmp_path / "run"
-    launch_two_processes([str(Path(__file__)), "save2", str(run_dir)], timeout=240)
+    run_two_processes([str(Path(__file__)), "save2", str(run_dir)], timeout=240)
     step_dir = run_dir / "checkpoints" / "3"
     assert sorted(p.name for p in (step_dir / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0",
                                                                                        "ocdbt.process_1"]

@@ -23,6 +23,8 @@ from flax import nnx
 from transformer import metrics, sharding, train
 from transformer.config import Config, MeshConfig, OptimConfig, config_from_args
 from transformer.data import make_dataset
+from transformer.data.placement import place_batch
+from transformer.loss import loss_sums, num_loss_chunks
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="transformer-test-jax-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -169,7 +171,7 @@ def one_step(cfg: Config, initial, mesh):
     with sharding.use_mesh(mesh):
         _, _, shardings = train.abstract_train_state(cfg, mesh)
         step = jax.jit(train.make_train_step(cfg), static_argnums=0)
-        state, step_metrics = step(graphdef, jax.device_put(state, shardings), train.place_batch(batch, mesh))
+        state, step_metrics = step(graphdef, jax.device_put(state, shardings), place_batch(batch, mesh))
         return jax.device_get(nnx.to_pure_dict(state)), jax.device_get(step_metrics)
 
 
@@ -210,7 +212,7 @@ def test_moe_router_bias_updates_survive_accumulated_micro_batches(tmp_path):
         state = train.init_train_state(cfg, shardings)
         model = nnx.merge(graphdef, jax.device_get(state)).model
         new_state, step_metrics = jax.jit(train.make_train_step(cfg), static_argnums=0)(
-            graphdef, state, train.place_batch(batch, mesh))
+            graphdef, state, place_batch(batch, mesh))
 
     @nnx.jit
     def route(model, inputs_BL):  # reference: the two micro-batches (rows 0, 2, ... then 1, 3, ...) in order
@@ -236,7 +238,7 @@ def _reference_sums(logits_BLV, targets_BL, mask_BL) -> tuple[float, float]:
 @pytest.mark.parametrize("batch, length, chunk_tokens, chunks", [(4, 32, 40, 4), (4, 32, 128, 1), (4, 32, 1, 32),
                                                                  (2, 30, 25, 3)])
 def test_num_loss_chunks(batch, length, chunk_tokens, chunks):
-    assert train.num_loss_chunks(batch, length, chunk_tokens) == chunks
+    assert num_loss_chunks(batch, length, chunk_tokens) == chunks
 
 
 def test_chunked_loss_and_grads_equal_unchunked_and_float64_reference(initial):
@@ -246,7 +248,7 @@ def test_chunked_loss_and_grads_equal_unchunked_and_float64_reference(initial):
     batch["loss_mask_BL"] = batch["loss_mask_BL"].at[:, :5].set(0.0)
 
     def loss(model, chunk):
-        sums, _ = train.loss_sums(model, batch, loss_chunk_size=chunk)
+        sums, _ = loss_sums(model, batch, loss_chunk_size=chunk)
         return (sums["ce"] + 0.1 * sums["z"]) / sums["tokens"], sums
 
     @nnx.jit

@@ -16,6 +16,8 @@ each letter has one meaning everywhere in the library:
     M  micro-batches (gradient accumulation)
     U  chunks a length is cut into (chunked loss), P  positions per chunk
     Z  examples of an evaluation set (prompts)
+    Y  answer tokens of a prompt (passkey digits)
+    T  tokens, any leading dims (token-wise functions: MoE routing)
 
 Lower-case suffix letters name a block of the capital one inside a kernel (`q_BqGRW`: a chunk of
 queries; `k_BkGW`: a block of keys).

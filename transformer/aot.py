@@ -90,7 +90,8 @@ def compile_train_step(cfg: Config, mesh):
     import jax.numpy as jnp
 
     from transformer import sharding
-    from transformer.train import BATCH_KEYS, abstract_train_state, make_train_step
+    from transformer.data.pipeline import BATCH_KEYS
+    from transformer.train import abstract_train_state, make_train_step
 
     with sharding.use_mesh(mesh):
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)

@@ -47,12 +47,13 @@ SKIPPED = "checkpoints_skipped"
 CONFIG_FILE = "config.json"
 COMMIT_FILE = "commit_success.txt"
 
-# Config fields that may change when a run is resumed: they do not change what the
-# checkpoint holds or which batch comes next (mesh changes reshard on restore).
+# Config fields (paths of field names; a section covers all its fields) that may change when a run is
+# resumed: they do not change what the checkpoint holds or which batch comes next (mesh changes reshard
+# on restore).
 RESUMABLE_FIELDS = (
-    "run_dir", "steps", "checkpoint.", "mesh.", "log_every", "eval_every", "eval_batches",
-    "progress_bar", "tensorboard", "nan_guard", "loss_chunk_size",
-    "model.attention_kernel", "model.attention_block_size", "model.remat",
+    ("run_dir",), ("steps",), ("checkpoint",), ("mesh",), ("log_every",), ("eval_every",), ("eval_batches",),
+    ("progress_bar",), ("tensorboard",), ("nan_guard",), ("loss_chunk_size",),
+    ("model", "attention_kernel"), ("model", "attention_block_size"), ("model", "remat"),
 )
 
 
@@ -63,14 +64,18 @@ class CheckpointWarning(UserWarning):
 # ---------------------------------------------------------------- config comparison
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(values: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(_flatten(value, prefix + (key,)))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[prefix + (key,)] = value
     return flat
+
+
+def _resumable(path: tuple[str, ...]) -> bool:
+    return any(path[:len(field)] == field for field in RESUMABLE_FIELDS)
 
 
 def config_differences(saved: dict, current: Config) -> list[str]:
@@ -78,10 +83,10 @@ def config_differences(saved: dict, current: Config) -> list[str]:
     old = _flatten(saved)
     new = _flatten(json.loads(current.to_json()))
     diffs = []
-    for name in sorted(set(old) | set(new)):
-        if name.startswith(RESUMABLE_FIELDS) or old.get(name) == new.get(name):
+    for path in sorted(set(old) | set(new)):
+        if _resumable(path) or old.get(path) == new.get(path):
             continue
-        diffs.append(f"{name}: saved {old.get(name, '<absent>')!r}, current {new.get(name, '<absent>')!r}")
+        diffs.append(f"{'.'.join(path)}: saved {old.get(path, '<absent>')!r}, current {new.get(path, '<absent>')!r}")
     return diffs
 
 
@@ -132,6 +137,13 @@ def _all_processes_agree(ok: bool) -> bool:
         return ok
     from jax.experimental import multihost_utils
     return bool(np.all(multihost_utils.process_allgather(np.array([ok], dtype=np.int32))))
+
+
+def _problem_anywhere(problem: str | None) -> str | None:
+    """This process's `problem`, or a stand-in when only another process has one (a collective)."""
+    if _all_processes_agree(problem is None):
+        return None
+    return problem or "unreadable on another process"
 
 
 def _barrier(name: str) -> None:
@@ -251,8 +263,7 @@ class Checkpointer:
                     saved_config = self._read_config(step)
                 except Exception as e:
                     problem = f"unreadable config ({type(e).__name__}: {e})"
-            if not _all_processes_agree(problem is None):
-                problem = problem or "unreadable on another process"
+            problem = _problem_anywhere(problem)
             if problem is None:
                 _check_same_run(saved_config, self.config, f"checkpoint {str(step_dir)!r}")
                 try:
@@ -260,8 +271,7 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(abstract_pure))).state
                 except Exception as e:
                     problem = f"unreadable state ({type(e).__name__}: {str(e)[:500]})"
-                if not _all_processes_agree(problem is None):
-                    problem = problem or "unreadable on another process"
+                problem = _problem_anywhere(problem)
             if problem is not None:
                 warnings.warn(f"skipping checkpoint {step_dir}: {problem}; trying the previous one",
                               CheckpointWarning, stacklevel=2)

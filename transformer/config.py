@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Sequence
 
 
 class ConfigError(ValueError):
@@ -192,18 +193,13 @@ class MeshConfig:
         """Axis sizes with -1 filled in; raises ConfigError if they do not fit `num_devices`."""
         self.validate()
         sizes = self.shape
-        fixed = 1
-        for axis, size in sizes.items():
-            if size != -1:
-                fixed *= size
+        fixed = math.prod(size for size in sizes.values() if size != -1)
         free = [axis for axis, size in sizes.items() if size == -1]
         if free:
             _check(num_devices % fixed == 0,
                    f"mesh {sizes} needs a device count divisible by {fixed}, but there are {num_devices} devices")
             sizes[free[0]] = num_devices // fixed
-        total = 1
-        for size in sizes.values():
-            total *= size
+        total = math.prod(sizes.values())
         _check(total == num_devices,
                f"mesh {sizes} uses {total} devices but {num_devices} are available; "
                "axis sizes must multiply to the device count (use -1 for one axis to take the rest)")
@@ -352,7 +348,18 @@ def _from_dict(cls, values: dict, prefix: str):
 # ---------------------------------------------------------------- overrides
 
 
-def _parse_value(key: str, text: str, hint: Any) -> Any:
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
+def parse_value(key: str, text: str, hint: Any) -> Any:
+    """`text` as a value of type `hint`: bool, int (integral floats like 1e3 allowed), float, str, or a tuple
+    of one of those written comma-separated (empty parts skipped). A ConfigError names `key` otherwise."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        try:
+            return tuple(parse_value(key, part, item) for part in text.split(",") if part)
+        except ConfigError:
+            raise ConfigError(f"{key}={text!r}: expected comma-separated {_PLURALS[item]}") from None
     if hint is bool:
         lowered = text.lower()
         _check(lowered in ("true", "false", "1", "0"), f"{key}={text!r}: expected true or false")
@@ -373,13 +380,12 @@ def _parse_value(key: str, text: str, hint: Any) -> Any:
             return float(text)
         except ValueError:
             raise ConfigError(f"{key}={text!r}: expected a number") from None
-    if typing.get_origin(hint) is tuple:
-        return tuple(part for part in text.split(",") if part)
     return text
 
 
 def override(cfg: Any, key: str, text: str, prefix: str = "") -> Any:
-    """Return `cfg` with the dotted field `key` set from the string `text`."""
+    """`cfg` (any frozen dataclass) with the dotted field `key` set from the string `text`, parsed by the
+    field's type."""
     head, _, rest = key.partition(".")
     names = {f.name: f for f in fields(cfg)}
     _check(head in names,
@@ -390,10 +396,11 @@ def override(cfg: Any, key: str, text: str, prefix: str = "") -> Any:
         _check(bool(rest), f"{key!r} is a group; set one of its fields, e.g. {key}.{fields(current)[0].name}=...")
         return replace(cfg, **{head: override(current, rest, text, prefix=f"{prefix}{head}.")})
     _check(not rest, f"{key!r}: {head} has no sub-fields")
-    return replace(cfg, **{head: _parse_value(prefix + key, text, hint)})
+    return replace(cfg, **{head: parse_value(prefix + key, text, hint)})
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """`cfg` (a Config, or any frozen dataclass of typed fields) with each `key.sub=value` applied in order."""
     for item in overrides:
         _check("=" in item, f"override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)

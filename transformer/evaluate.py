@@ -40,12 +40,13 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, restore_params
-from transformer.config import Config, ConfigError, MeshConfig, ModelConfig, apply_overrides
+from transformer.config import SEQUENCE, Config, ConfigError, MeshConfig, ModelConfig, apply_overrides
 from transformer.data import make_dataset
+from transformer.data.placement import place_batch
 from transformer.data.synthetic import passkey_example
+from transformer.loss import loss_sums
 from transformer.model import build_model
-from transformer.ops.ring_attention import zigzag_permutation
-from transformer.train import loss_sums, place_batch
+from transformer.ops.layout import ring_length_problem, zigzag_inverse
 
 MODES = ("chunks", "sliding")
 
@@ -118,8 +119,8 @@ def _check_length(cfg: Config, length: int, ring: int) -> None:
     if cfg.model.position == "learned" and length > cfg.model.max_seq_len:
         raise ValueError(f"length {length} exceeds model.max_seq_len={cfg.model.max_seq_len}, the size of the "
                          "learned position table; use lengths <= max_seq_len or another position encoding")
-    if ring > 1 and length % (2 * ring):
-        raise ValueError(f"length {length} is not divisible by 2 x mesh.sequence={ring}; choose multiples of {2 * ring}")
+    if ring > 1 and (problem := ring_length_problem(f"length {length}", length, f"mesh.sequence={ring}", ring, True)):
+        raise ValueError(problem)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -129,13 +130,13 @@ def _loss_sums(graphdef, state, batch, loss_chunk_size: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _argmax_at(graphdef, state, batch, index_BA):
-    """Argmax predictions at the (layout) positions index_BA, projecting only those hidden states."""
+def _argmax_at(graphdef, state, batch, index_BY):
+    """Argmax predictions at the (layout) positions index_BY, projecting only those hidden states."""
     model = nnx.merge(graphdef, state)
     hidden_BLD, _ = model(batch["inputs_BL"], positions_BL=batch["positions_BL"],
                           segment_ids_BL=batch["segment_ids_BL"], return_hidden=True)
-    picked_BAD = jnp.take_along_axis(hidden_BLD, index_BA[..., None], axis=1)
-    return jnp.argmax(model.logits(picked_BAD), axis=-1)
+    picked_BYD = jnp.take_along_axis(hidden_BLD, index_BY[..., None], axis=1)
+    return jnp.argmax(model.logits(picked_BYD), axis=-1)
 
 
 def _batch(inputs_BL, targets_BL, mask_BL) -> dict[str, np.ndarray]:
@@ -164,7 +165,7 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
     if num_sequences < 1 or batch_size < 1:
         raise ValueError(f"num_sequences={num_sequences} and batch_size={batch_size} must be >= 1")
     loaded = load_model(source, model_cfg=model_cfg, mesh=mesh)
-    cfg, ring = loaded.cfg, loaded.mesh.shape["sequence"]
+    cfg, ring = loaded.cfg, loaded.mesh.shape[SEQUENCE]
     window = cfg.data.seq_len
     stride = stride or max(window // 2, 1)
     if mode == "sliding" and not 1 <= stride <= window:
@@ -174,15 +175,15 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
     with sharding.use_mesh(loaded.mesh):
         for length in lengths:
             _check_length(cfg, length, ring)
-            tokens_NT = data.eval_sequences(length, num_sequences)
+            tokens_ZL = data.eval_sequences(length, num_sequences)
             spans = _windows(length, window, stride) if mode == "sliding" else [(0, 0)]
             span = min(length, window) if mode == "sliding" else length
             ce = tokens = 0.0
             for start, scored_from in spans:
                 mask_L = (np.arange(span) >= scored_from).astype(np.float32)
                 for row in range(0, num_sequences, batch_size):
-                    rows_NT = tokens_NT[row:row + batch_size, start:start + span + 1]
-                    batch = _batch(rows_NT[:, :-1], rows_NT[:, 1:], np.broadcast_to(mask_L, rows_NT[:, 1:].shape))
+                    rows_BL = tokens_ZL[row:row + batch_size, start:start + span + 1]
+                    batch = _batch(rows_BL[:, :-1], rows_BL[:, 1:], np.broadcast_to(mask_L, rows_BL[:, 1:].shape))
                     sums = jax.device_get(_loss_sums(loaded.graphdef, loaded.state, place_batch(batch, loaded.mesh),
                                                      cfg.loss_chunk_size))
                     ce, tokens = ce + float(sums["ce"]), tokens + float(sums["tokens"])
@@ -197,20 +198,20 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
 
 def passkey_batch(length: int, depth: float, trials: int, rng: np.random.Generator, *,
                   digits: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """(batch, index_NA, answers_NA): `trials` passkey prompts at context length `length`, built like the
+    """(batch, index_ZY, answers_ZY): `trials` passkey prompts at context length `length`, built like the
     training rows of data.seq_len = length: examples of length + 1 tokens, inputs the first `length`,
-    targets shifted by one, loss_mask on the answer. index_NA are the input positions whose next-token
-    predictions are the answer digits answers_NA (the loss-masked positions of a training row)."""
+    targets shifted by one, loss_mask on the answer. index_ZY are the input positions whose next-token
+    predictions are the answer digits answers_ZY (the loss-masked positions of a training row)."""
     if trials < 1:
         raise ValueError(f"trials={trials} must be >= 1")
     examples = [passkey_example(length + 1, float(depth), rng, digits=digits) for _ in range(trials)]
-    tokens_NT = np.stack([tokens for tokens, _ in examples])
-    index_NA = np.stack([np.arange(start - 1, end - 1) for _, (start, end) in examples])
-    targets_NL = tokens_NT[:, 1:]
-    mask_NL = np.zeros(targets_NL.shape, np.float32)
-    np.put_along_axis(mask_NL, index_NA, 1.0, axis=1)
-    answers_NA = np.take_along_axis(targets_NL, index_NA, axis=1)
-    return _batch(tokens_NT[:, :-1], targets_NL, mask_NL), index_NA, answers_NA
+    tokens_ZL = np.stack([tokens for tokens, _ in examples])
+    index_ZY = np.stack([np.arange(start - 1, end - 1) for _, (start, end) in examples])
+    targets_ZL = tokens_ZL[:, 1:]
+    mask_ZL = np.zeros(targets_ZL.shape, np.float32)
+    np.put_along_axis(mask_ZL, index_ZY, 1.0, axis=1)
+    answers_ZY = np.take_along_axis(targets_ZL, index_ZY, axis=1)
+    return _batch(tokens_ZL[:, :-1], targets_ZL, mask_ZL), index_ZY, answers_ZY
 
 
 def passkey_accuracy(source, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), trials: int = 10, *,
@@ -221,23 +222,23 @@ def passkey_accuracy(source, lengths: Sequence[int], depths: Sequence[float] = (
     if trials < 1:
         raise ValueError(f"trials={trials} must be >= 1")
     loaded = load_model(source, model_cfg=model_cfg, mesh=mesh)
-    cfg, ring = loaded.cfg, loaded.mesh.shape["sequence"]
+    cfg, ring = loaded.cfg, loaded.mesh.shape[SEQUENCE]
     results = []
     with sharding.use_mesh(loaded.mesh):
         for length in lengths:
             _check_length(cfg, length, ring)
-            layout = np.argsort(zigzag_permutation(length, ring)) if ring > 1 else np.arange(length)
+            layout = zigzag_inverse(length, ring) if ring > 1 else np.arange(length)
             for d, depth in enumerate(depths):
                 rng = np.random.default_rng([seed, int(length), d])
-                batch, index_NA, answers_NA = passkey_batch(length, depth, trials, rng,
+                batch, index_ZY, answers_ZY = passkey_batch(length, depth, trials, rng,
                                                             digits=cfg.data.passkey_digits)
-                predicted_NA = np.asarray(jax.device_get(_argmax_at(
+                predicted_ZY = np.asarray(jax.device_get(_argmax_at(
                     loaded.graphdef, loaded.state, place_batch(batch, loaded.mesh),
-                    jnp.asarray(layout[index_NA], jnp.int32))))
-                correct_NA = predicted_NA == answers_NA
+                    jnp.asarray(layout[index_ZY], jnp.int32))))
+                correct_ZY = predicted_ZY == answers_ZY
                 results.append({"length": int(length), "depth": float(depth),
-                                "accuracy": float(np.mean(np.all(correct_NA, axis=1))),
-                                "digit_accuracy": float(np.mean(correct_NA)), "trials": int(trials)})
+                                "accuracy": float(np.mean(np.all(correct_ZY, axis=1))),
+                                "digit_accuracy": float(np.mean(correct_ZY)), "trials": int(trials)})
     return results
 
 
@@ -252,75 +253,66 @@ def _table(rows: list[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _ints(key: str, text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part]
-    except ValueError:
-        raise ValueError(f"{key}={text!r}: expected comma-separated integers, e.g. {key}=256,512") from None
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The CLI's own `key=value` arguments (see the module docstring); any other key is a config override.
+    passkey_lengths defaults to lengths."""
+
+    run_dir: str = ""
+    lengths: tuple[int, ...] = ()
+    num_sequences: int = 8
+    mode: str = "chunks"
+    stride: int = 0
+    batch_size: int = 8
+    passkey_lengths: tuple[int, ...] = ()
+    depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    trials: int = 10
+    seed: int = 0
+    out: str = ""
 
 
-def _floats(key: str, text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part]
-    except ValueError:
-        raise ValueError(f"{key}={text!r}: expected comma-separated numbers, e.g. {key}=0,0.5,1") from None
+OPTIONS = tuple(field.name for field in dataclasses.fields(Options))
 
 
-OPTIONS = ("run_dir", "lengths", "num_sequences", "mode", "stride", "batch_size", "passkey_lengths", "depths",
-           "trials", "seed", "out")
-
-
-def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
+def parse_args(argv: Sequence[str]) -> tuple[Options, list[str]]:
     """(evaluation options, config overrides) from `key=value` arguments."""
-    options: dict = {}
-    overrides = []
     for arg in argv:
         if "=" not in arg:
             raise ValueError(f"argument {arg!r} must look like key=value; options: {', '.join(OPTIONS)}, "
                              "or a config override like model.rope_scaling=yarn")
-        key, value = arg.split("=", 1)
-        if key in OPTIONS:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    if "run_dir" not in options:
+    own = [arg for arg in argv if arg.split("=", 1)[0] in OPTIONS]
+    given = {arg.split("=", 1)[0] for arg in own}
+    if "run_dir" not in given:
         raise ValueError("run_dir=<training run directory> is required")
-    if "lengths" not in options:
+    if "lengths" not in given:
         raise ValueError("lengths=<comma-separated sequence lengths> is required, e.g. lengths=256,512")
-    parsed = {"run_dir": options["run_dir"], "lengths": _ints("lengths", options["lengths"]),
-              "mode": options.get("mode", "chunks"), "out": options.get("out", "")}
-    for key, default in (("num_sequences", 8), ("stride", 0), ("batch_size", 8), ("trials", 10), ("seed", 0)):
-        values = _ints(key, options.get(key, str(default)))
-        if len(values) != 1:
-            raise ValueError(f"{key}={options[key]!r}: expected one integer")
-        parsed[key] = values[0]
-    parsed["passkey_lengths"] = _ints("passkey_lengths", options.get("passkey_lengths", options["lengths"]))
-    parsed["depths"] = _floats("depths", options.get("depths", "0,0.5,1"))
-    return parsed, overrides
+    options = apply_overrides(Options(), own)
+    if "passkey_lengths" not in given:
+        options = dataclasses.replace(options, passkey_lengths=options.lengths)
+    return options, [arg for arg in argv if arg not in own]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see the module docstring); bad arguments print one line and return 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args, overrides = parse_args(argv)
-        loaded = load_model(args["run_dir"], overrides=overrides)
-        cfg = loaded.cfg
-        ppl = perplexity_at_lengths(loaded, args["lengths"], args["num_sequences"], mode=args["mode"],
-                                    stride=args["stride"], batch_size=args["batch_size"])
-        passkey = passkey_accuracy(loaded, args["passkey_lengths"], args["depths"], args["trials"],
-                                   seed=args["seed"]) if args["passkey_lengths"] else []
+        options, overrides = parse_args(argv)
+        loaded = load_model(options.run_dir, overrides=overrides)
+        ppl = perplexity_at_lengths(loaded, options.lengths, options.num_sequences, mode=options.mode,
+                                    stride=options.stride, batch_size=options.batch_size)
+        passkey = passkey_accuracy(loaded, options.passkey_lengths, options.depths, options.trials,
+                                   seed=options.seed) if options.passkey_lengths else []
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"perplexity ({args['mode']}) of {args['run_dir']}" + (f" with {' '.join(overrides)}" if overrides else ""))
+    print(f"perplexity ({options.mode}) of {options.run_dir}" + (f" with {' '.join(overrides)}" if overrides else ""))
     print(_table(ppl, ("length", "loss", "perplexity", "tokens")))
     if passkey:
         print("\npasskey retrieval")
         print(_table(passkey, ("length", "depth", "accuracy", "digit_accuracy", "trials")))
-    out = Path(args["out"] or Path(args["run_dir"]) / "evaluation.json")
-    report = {"run_dir": args["run_dir"], "overrides": overrides, "model": dataclasses.asdict(cfg.model),
-              "num_sequences": args["num_sequences"], "perplexity": ppl, "passkey": passkey}
+    out = Path(options.out or Path(options.run_dir) / "evaluation.json")
+    report = {"run_dir": options.run_dir, "overrides": overrides, "model": dataclasses.asdict(loaded.cfg.model),
+              "num_sequences": options.num_sequences, "perplexity": ppl, "passkey": passkey}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")

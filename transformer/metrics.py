@@ -1,7 +1,7 @@
 """Training metrics: JSONL (always) and TensorBoard logs, throughput, MFU and flattened MoE statistics.
 
     writer = MetricsWriter(run_dir, tensorboard=True, start_step=0)
-    writer.write(step, {"loss": 2.3, "moe/expert_load_LE": load_LE})
+    writer.write(step, {"loss": 2.3, "moe/expert_load_LE": load_NE})
     writer.close()
 
 Only process 0 writes. `run_dir/metrics.jsonl` holds one JSON object per logged step; a
@@ -60,9 +60,10 @@ def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int, device_ki
 def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Scalars from a dict of scalars and arrays.
 
-    Arrays are split by the trailing letters of their key: "moe/expert_load_LE" of shape (L, E)
-    becomes "moe/expert_load/layer{l}/expert{e}"; an unsuffixed 1-D "moe/..." array is per MoE
-    layer ("moe/dropped_fraction/layer{l}"); other arrays get "dim{d}_{i}" parts.
+    Arrays are split by the trailing letters of their key, read with the logged keys' own letters
+    (`_LETTER_NAMES`, not the tensor-name legend): "moe/expert_load_LE" of shape (MoE layers, E) becomes
+    "moe/expert_load/layer{l}/expert{e}"; an unsuffixed 1-D "moe/..." array is per MoE layer
+    ("moe/dropped_fraction/layer{l}"); other arrays get "dim{d}_{i}" parts.
     """
     flat: dict[str, float] = {}
     for key, value in metrics.items():

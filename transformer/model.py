@@ -13,7 +13,8 @@ Non-Param state (the MoE `RouterBias`) written inside the step comes back throug
 outputs and, with `update_router_bias=True`, is written into the model (in place); otherwise the
 model's variables are left untouched, so a model merged from closed-over state stays usable. MoE
 statistics come back through the scan outputs too: aux = {"aux_loss": sum of weighted MoE losses,
-"moe/<stat>": per-MoE-layer values stacked on a leading axis ("expert_load_E" -> "expert_load_LE")}.
+"moe/<stat>": per-MoE-layer values stacked on a leading axis ("expert_load_E" is logged as "expert_load_LE",
+the key metrics.flatten splits per layer and expert)}.
 """
 
 from __future__ import annotations
@@ -197,30 +198,30 @@ class EncoderDecoderLM(nnx.Module):
             x_BSD = self.encoder_norm(x_BSD)
         return x_BSD, stats
 
-    def __call__(self, src_BS: jax.Array, tgt_BT: jax.Array, *, src_segment_ids_BS: jax.Array | None = None,
-                 tgt_segment_ids_BT: jax.Array | None = None, return_hidden: bool = False,
+    def __call__(self, src_BS: jax.Array, tgt_BL: jax.Array, *, src_segment_ids_BS: jax.Array | None = None,
+                 tgt_segment_ids_BL: jax.Array | None = None, return_hidden: bool = False,
                  update_router_bias: bool = False) -> tuple[jax.Array, dict]:
-        """(logits_BTV float32 for the target tokens, aux). Decoder MoE stats are "moe/...",
+        """(logits_BLV float32 for the target tokens, aux). Decoder MoE stats are "moe/...",
         encoder ones "moe/encoder/..."."""
-        check_tokens("tgt_BT", tgt_BT)
-        _check_like("tgt_segment_ids_BT", tgt_segment_ids_BT, tgt_BT.shape)
-        if src_BS.shape[0] != tgt_BT.shape[0]:
-            raise ValueError(f"src_BS batch {src_BS.shape[0]} differs from tgt_BT batch {tgt_BT.shape[0]}")
+        check_tokens("tgt_BL", tgt_BL)
+        _check_like("tgt_segment_ids_BL", tgt_segment_ids_BL, tgt_BL.shape)
+        if src_BS.shape[0] != tgt_BL.shape[0]:
+            raise ValueError(f"src_BS batch {src_BS.shape[0]} differs from tgt_BL batch {tgt_BL.shape[0]}")
         context_BSD, enc_stats = self.encode(src_BS, src_segment_ids_BS=src_segment_ids_BS,
                                              update_router_bias=update_router_bias)
-        x_BTD, dec_stats = self.decoder(self.embed(tgt_BT), segment_ids_BL=tgt_segment_ids_BT,
+        x_BLD, dec_stats = self.decoder(self.embed(tgt_BL), segment_ids_BL=tgt_segment_ids_BL,
                                         context_BSD=context_BSD, context_segment_ids_BS=src_segment_ids_BS,
                                         update_router_bias=update_router_bias)
         if self.decoder_norm is not None:
-            x_BTD = self.decoder_norm(x_BTD)
+            x_BLD = self.decoder_norm(x_BLD)
         aux = moe_aux(dec_stats)
         enc_aux = moe_aux(enc_stats, prefix="moe/encoder/")
         aux["aux_loss"] = aux["aux_loss"] + enc_aux.pop("aux_loss")
         aux.update(enc_aux)
-        return (x_BTD if return_hidden else self.logits(x_BTD)), aux
+        return (x_BLD if return_hidden else self.logits(x_BLD)), aux
 
-    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        return self.embed.logits(hidden_BTD)
+    def logits(self, hidden_BLD: jax.Array) -> jax.Array:
+        return self.embed.logits(hidden_BLD)
 
 
 _MODELS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
@@ -240,8 +241,8 @@ def count_params(model: nnx.Module) -> int:
 
 
 def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool) -> int:
-    D, H, G, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-    attention = 2 * D * H * Dh + 2 * D * G * Dh
+    D, H, G, W = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    attention = 2 * D * H * W + 2 * D * G * W
     matrices = 3 if cfg.activation == "swiglu" else 2
     if moe:
         F = cfg.moe.d_ff_expert or cfg.ffn_dim
@@ -258,10 +259,10 @@ def _stack_matmul_params(cfg: ModelConfig, num_layers: int, *, cross: bool) -> i
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per (target) token, PaLM style: 6 * N + 12 * layers * H * Dh * T.
+    """Training FLOPs per (target) token, PaLM style: 6 * weights + 12 * layers * heads * head_dim * context.
 
-    N counts the matmul weights one token passes through (MoE: router + top_k routed + shared
-    experts; plus the output projection, not the embedding lookup). T is seq_len, or the sliding
+    `weights` counts the matmul weights one token passes through (MoE: router + top_k routed + shared
+    experts; plus the output projection, not the embedding lookup). `context` is seq_len, or the sliding
     window when smaller (not halved for causal masks). Encoder-decoder counts the encoder over a
     source of seq_len tokens and the decoder's cross-attention over it.
     """
@@ -270,11 +271,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     context = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
     per_layer_attention = 12 * cfg.num_heads * cfg.dim_per_head
     if cfg.architecture == "encoder_decoder":
-        n = (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False)
-             + _stack_matmul_params(cfg, cfg.num_layers, cross=True))
+        weights = (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False)
+                   + _stack_matmul_params(cfg, cfg.num_layers, cross=True))
         attention = per_layer_attention * (cfg.encoder_layers * context + cfg.num_layers * (context + seq_len))
     else:
-        n = _stack_matmul_params(cfg, cfg.num_layers, cross=False)
+        weights = _stack_matmul_params(cfg, cfg.num_layers, cross=False)
         attention = per_layer_attention * cfg.num_layers * context
-    n += cfg.d_model * cfg.vocab_size
-    return float(6 * n + attention)
+    weights += cfg.d_model * cfg.vocab_size
+    return float(6 * weights + attention)

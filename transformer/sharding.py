@@ -26,20 +26,20 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from transformer.config import MESH_AXES, SEQUENCE, Config, ConfigError, MeshConfig
+from transformer.config import DATA, EXPERT, FSDP, MESH_AXES, SEQUENCE, TENSOR, Config, ConfigError, MeshConfig
 from transformer.ops import layout
 
 # logical axis -> mesh axes it may be sharded over (in order of preference)
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("length", ("sequence",)),
+    ("batch", (DATA, FSDP, EXPERT)),
+    ("length", (SEQUENCE,)),
     ("kv_length", ()),
-    ("vocab", ("tensor",)),
-    ("heads", ("tensor",)),
-    ("kv_heads", ("tensor",)),
-    ("mlp", ("tensor",)),
-    ("expert", ("expert",)),
-    ("embed", ("fsdp",)),
+    ("vocab", (TENSOR,)),
+    ("heads", (TENSOR,)),
+    ("kv_heads", (TENSOR,)),
+    ("mlp", (TENSOR,)),
+    ("expert", (EXPERT,)),
+    ("embed", (FSDP,)),
     ("head_dim", ()),
     ("layers", ()),
     ("capacity", ()),
@@ -181,7 +181,7 @@ def validate_for_mesh(cfg: Config, mesh: Mesh) -> None:
         raise ConfigError(f"data.global_batch_size={data.global_batch_size} / optim.grad_accum_steps={accum} = "
                           f"{data.global_batch_size // accum} rows per micro-batch is not divisible by the {ways} "
                           f"devices that shard 'batch'; choose a micro-batch that is a multiple of {ways}")
-    tensor = mesh.shape["tensor"]
+    tensor = mesh.shape[TENSOR]
     for name, heads in (("model.num_heads", model.num_heads), ("model.num_kv_heads", model.kv_heads)):
         if heads % tensor:
             raise ConfigError(f"{name}={heads} is not divisible by mesh.tensor={tensor}; "
@@ -193,8 +193,8 @@ def validate_for_mesh(cfg: Config, mesh: Mesh) -> None:
     if problem:
         raise ConfigError(problem)
     experts = model.moe.num_experts
-    if experts and experts % mesh.shape["expert"]:
-        raise ConfigError(f"model.moe.num_experts={experts} is not divisible by mesh.expert={mesh.shape['expert']}; "
+    if experts and experts % mesh.shape[EXPERT]:
+        raise ConfigError(f"model.moe.num_experts={experts} is not divisible by mesh.expert={mesh.shape[EXPERT]}; "
                           f"use an expert axis that divides {experts}")
 
 

@@ -15,8 +15,8 @@ norm scales and biases are not decayed. Params are kept in model.param_dtype (fl
 default) while the model computes in model.dtype (e.g. bfloat16).
 
 Loss: mean token cross-entropy over loss_mask, plus optim.z_loss * mean(log Z ^ 2), plus
-the model's aux["aux_loss"] (MoE balancing). With optim.grad_accum_steps = A the batch is
-split into A strided micro-batches (rows r, r + A, ...); token sums are accumulated so the
+the model's aux["aux_loss"] (MoE balancing). With optim.grad_accum_steps = M the batch is
+split into M strided micro-batches (rows r, r + M, ...); token sums are accumulated so the
 cross-entropy equals the full-batch one, and aux losses are averaged over micro-batches.
 Each micro-batch forward updates the MoE router biases (router='sigmoid_bias').
 """
@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,11 +40,10 @@ from transformer import distributed, sharding
 from transformer.checkpoint import Checkpointer, PreemptionGuard, restore_params
 from transformer.config import Config, ConfigError, OptimConfig, config_from_args
 from transformer.data import Dataset, make_dataset
+from transformer.data.placement import local_batch, place_batch
+from transformer.loss import loss_sums
 from transformer.metrics import MetricsWriter, mfu, tokens_per_second
 from transformer.model import build_model, flops_per_token
-from transformer.ops.ring_attention import to_zigzag
-
-BATCH_KEYS = ("inputs_BL", "targets_BL", "loss_mask_BL", "positions_BL", "segment_ids_BL")
 
 
 class NonFiniteError(FloatingPointError):
@@ -124,73 +124,15 @@ def load_or_init(cfg: Config, graphdef, abstract, shardings, ckpt: Checkpointer)
     return nnx.state(train_state), 0, "init_from"
 
 
-# ---------------------------------------------------------------- loss
-
-
-def token_loss_sums(logits_BLV, targets_BL, mask_BL) -> dict[str, jax.Array]:
-    """Masked sums of cross-entropy and log(Z)^2, and the number of scored tokens."""
-    logits_BLV = logits_BLV.astype(jnp.float32)
-    lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    return {"ce": jnp.sum((lse_BL - target_BL) * mask_BL), "z": jnp.sum(lse_BL ** 2 * mask_BL),
-            "tokens": jnp.sum(mask_BL)}
-
-
-def num_loss_chunks(batch: int, length: int, chunk_tokens: int) -> int:
-    """Fewest chunks n dividing `length` with batch * length / n <= chunk_tokens (length if none)."""
-    for n in range(1, length + 1):
-        if length % n == 0 and batch * (length // n) <= chunk_tokens:
-            return n
-    return length
-
-
-def chunked_loss_sums(model, hidden_BLD, targets_BL, mask_BL, chunk_tokens: int) -> dict[str, jax.Array]:
-    """`token_loss_sums(model.logits(hidden))` without materialising all logits: the output projection
-    and loss run on strided chunks of positions (j * n + i for chunk i), each recomputed in the backward
-    pass, so only one chunk's logits are alive at a time. Strided chunks keep every sequence shard busy."""
-    B, L, D = hidden_BLD.shape
-    n = num_loss_chunks(B, L, chunk_tokens)
-    h_BTND = hidden_BLD.reshape(B, L // n, n, D)  # T positions per chunk, N chunks
-    t_BTN, m_BTN = targets_BL.reshape(B, L // n, n), mask_BL.reshape(B, L // n, n)
-    graphdef, model_state = nnx.split(model)
-
-    @jax.checkpoint
-    def chunk(model_state, i):
-        take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=2, keepdims=False)
-        logits_BTV = nnx.merge(graphdef, model_state).logits(take(h_BTND))
-        return token_loss_sums(logits_BTV, take(t_BTN), take(m_BTN))
-
-    def body(sums, i):
-        return jax.tree.map(jnp.add, sums, chunk(model_state, i)), None
-
-    zeros = {"ce": jnp.zeros((), jnp.float32), "z": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.float32)}
-    sums, _ = jax.lax.scan(body, zeros, jnp.arange(n))
-    return sums
-
-
-def loss_sums(model, batch: dict, *, loss_chunk_size: int = 0, update_router_bias: bool = False):
-    """(masked loss sums, aux) of one forward pass over `batch`."""
-    kwargs = dict(positions_BL=batch["positions_BL"], segment_ids_BL=batch["segment_ids_BL"],
-                  update_router_bias=update_router_bias)
-    if loss_chunk_size:
-        hidden_BLD, aux = model(batch["inputs_BL"], return_hidden=True, **kwargs)
-        sums = chunked_loss_sums(model, hidden_BLD, batch["targets_BL"], batch["loss_mask_BL"], loss_chunk_size)
-    else:
-        logits_BLV, aux = model(batch["inputs_BL"], **kwargs)
-        sums = token_loss_sums(logits_BLV, batch["targets_BL"], batch["loss_mask_BL"])
-    return sums, aux
-
-
 # ---------------------------------------------------------------- steps
 
 
 def micro_batches(batch: dict, accum: int) -> dict:
-    """(A, B / A, L) micro-batches; micro-batch a holds rows a, a + A, ... so each stays spread over the
+    """(M, B / M, L) micro-batches; micro-batch m holds rows m, m + M, ... so each stays spread over the
     batch shards."""
     def split(x_BL):
-        B = x_BL.shape[0]
-        x_ABL = x_BL.reshape(B // accum, accum, *x_BL.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x_ABL, (None, "batch", "length"))
+        x_MBL = einops.rearrange(x_BL, "(B M) L -> M B L", M=accum)
+        return sharding.constrain(x_MBL, (None, "batch", "length"))
     return {key: split(value) for key, value in batch.items()}
 
 
@@ -251,25 +193,6 @@ def make_eval_step(cfg: Config):
         return sums, {key: value for key, value in aux.items() if key.startswith("moe/")}
 
     return eval_step
-
-
-# ---------------------------------------------------------------- data placement
-
-
-def place_batch(batch_np: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global arrays sharded ("batch", "length") from this process's rows; with a sequence axis > 1
-    the length axis is first put into zigzag order (the loss does not depend on token order)."""
-    ring = mesh.shape["sequence"]
-    if ring > 1:
-        batch_np = {key: to_zigzag(np.asarray(local), ring, axis=1) for key, local in batch_np.items()}
-    return sharding.host_local_batch_to_global(batch_np, mesh, logical_axes=("batch", "length"))
-
-
-def local_batch(data: Dataset, step: int, mesh, *, held_out: bool = False) -> dict[str, np.ndarray]:
-    """This process's rows of training batch `step` (or of held-out batch `step`)."""
-    index, count = sharding.process_batch_shard(mesh)
-    fetch = data.eval_batch if held_out else data.batch
-    return fetch(step, process_index=index, process_count=count)
 
 
 # ---------------------------------------------------------------- loop

@@ -18,17 +18,17 @@ from transformer.config import ConfigError, DataConfig
 from transformer.data import corpus, synthetic
 
 SPLITS = ("train", "eval")
-KEYS = ("inputs_BL", "targets_BL", "loss_mask_BL", "positions_BL", "segment_ids_BL")
+BATCH_KEYS = ("inputs_BL", "targets_BL", "loss_mask_BL", "positions_BL", "segment_ids_BL")
 
 
-def _row(tokens_T: np.ndarray, answer_span: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Model inputs for one sequence of T = L + 1 tokens whose tokens[start:end] are scored and end the real
+def _row(tokens: np.ndarray, answer_span: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Model inputs for one example of L + 1 tokens whose tokens[start:end] are scored and end the real
     part (tokens from `end` on are padding)."""
     start, end = answer_span
-    t_L = np.arange(len(tokens_T) - 1)
+    t_L = np.arange(len(tokens) - 1)
     return {
-        "inputs_BL": tokens_T[:-1].astype(np.int32),
-        "targets_BL": tokens_T[1:].astype(np.int32),
+        "inputs_BL": tokens[:-1].astype(np.int32),
+        "targets_BL": tokens[1:].astype(np.int32),
         "loss_mask_BL": ((t_L + 1 >= start) & (t_L + 1 < end)).astype(np.float32),
         "positions_BL": t_L.astype(np.int32),
         "segment_ids_BL": (t_L < end).astype(np.int32),
@@ -113,7 +113,7 @@ class Dataset:
         local = batch_size // process_count
         first = int(step) * batch_size + process_index * local
         examples = [rows[i] for i in range(first, first + local)]
-        return {key: np.stack([example[key] for example in examples]) for key in KEYS}
+        return {key: np.stack([example[key] for example in examples]) for key in BATCH_KEYS}
 
 
 def make_dataset(cfg: DataConfig, split: str = "train") -> Dataset:

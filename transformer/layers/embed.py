@@ -40,8 +40,8 @@ class Embed(nnx.Module):
         init = jax.nn.initializers.normal(stddev=cfg.init_std)
         V, D = cfg.vocab_size, cfg.d_model
         self.tokens_VD = nnx.Param(init(rngs.params(), (V, D), param_dtype), logical_axes=("vocab", "embed"))
-        self.positions_TD = nnx.Param(init(rngs.params(), (cfg.max_seq_len, D), param_dtype),
-                                      logical_axes=(None, "embed")) if cfg.position == "learned" else None
+        self.position_table = nnx.Param(init(rngs.params(), (cfg.max_seq_len, D), param_dtype),
+                                        logical_axes=(None, "embed")) if cfg.position == "learned" else None
         self.unembed_DV = None if cfg.tie_embeddings else nnx.Param(
             init(rngs.params(), (D, V), param_dtype), logical_axes=("embed", "vocab"))
 
@@ -71,8 +71,8 @@ class Embed(nnx.Module):
         if largest is not None and largest >= self.max_seq_len:
             raise ValueError(f"position id {largest} is outside the learned position table of "
                              f"model.max_seq_len={self.max_seq_len} rows (valid ids: 0..{self.max_seq_len - 1})")
-        table_TD = sharding.constrain(self.positions_TD[...], (None, None))
-        return jnp.take(table_TD, positions_BL, axis=0, mode="clip")
+        table = sharding.constrain(self.position_table[...], (None, None))  # (max_seq_len, D)
+        return jnp.take(table, positions_BL, axis=0, mode="clip")
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
         if self.unembed_DV is None:

@@ -1,8 +1,12 @@
-"""Position-wise feed-forward: ReLU, GELU, or SwiGLU (silu(x W_gate) * x W_up) W_down."""
+"""Position-wise feed-forward: ReLU, GELU, or SwiGLU (silu(x W_gate) * x W_up) W_down.
+
+`activation` and `ffn_hidden` are the one definition of the hidden layer, shared with the MoE experts.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +18,25 @@ from transformer.config import ACTIVATIONS, ConfigError, ModelConfig
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu}
 
 
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The nonlinearity of model.activation=`name` (for swiglu, the silu applied to the gate)."""
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"model.activation={name!r} is not valid; choose one of {', '.join(map(repr, ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+def ffn_hidden(x, w_up, w_gate, name: str, matmul: Callable) -> jax.Array:
+    """act(x W_gate) * x W_up with a gate (SwiGLU), else act(x W_up); `matmul(x, w)` applies one weight."""
+    act = activation(name)
+    h = matmul(x, w_up)
+    return act(matmul(x, w_gate)) * h if w_gate is not None else act(h)
+
+
 class MLP(nnx.Module):
     """x_BLD -> y_BLD. The down projection starts at init_std / sqrt(2 * num_layers)."""
 
     def __init__(self, cfg: ModelConfig, *, num_layers: int, rngs: nnx.Rngs):
-        if cfg.activation not in _ACTIVATIONS:
-            raise ConfigError(f"model.activation={cfg.activation!r} is not valid; "
-                              f"choose one of {', '.join(map(repr, ACTIVATIONS))}")
+        activation(cfg.activation)  # an unknown name fails here rather than at the first call
         self.activation = cfg.activation
         self.dtype = jnp.dtype(cfg.dtype)
         D, F = cfg.d_model, cfg.ffn_dim
@@ -33,14 +49,9 @@ class MLP(nnx.Module):
         self.down_FD = nnx.Param(init_out(rngs.params(), (F, D), param_dtype), logical_axes=("mlp", "embed"))
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        x_BLD = x_BLD.astype(self.dtype)
-        w = lambda p: p[...].astype(self.dtype)
-        h_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w(self.up_DF))
-        act = _ACTIVATIONS[self.activation]
-        if self.gate_DF is not None:
-            h_BLF = act(jnp.einsum("BLD,DF->BLF", x_BLD, w(self.gate_DF))) * h_BLF
-        else:
-            h_BLF = act(h_BLF)
+        w = lambda p: None if p is None else p[...].astype(self.dtype)
+        h_BLF = ffn_hidden(x_BLD.astype(self.dtype), w(self.up_DF), w(self.gate_DF), self.activation,
+                           lambda x_BLD, w_DF: jnp.einsum("BLD,DF->BLF", x_BLD, w_DF))
         h_BLF = sharding.constrain(h_BLF, ("batch", "length", "mlp"))
         y_BLD = jnp.einsum("BLF,FD->BLD", h_BLF, w(self.down_FD))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
