@@ -163,7 +163,7 @@ def _bench_one(args, ra, row: Row) -> None:
         row.rel_err = _relative_error(args, row, compiled(*inputs), inputs)
 
 
-def _relative_error(args, row: Row, out_BQHD, inputs) -> float:
+def _relative_error(args, row: Row, out_BQHW, inputs) -> float:
     """max |out - reference| / max |reference|, the reference computed in float32 on the same inputs (for
     the zigzag ring, token i of the inputs is at position zigzag_permutation[i])."""
     import numpy as np
@@ -177,7 +177,7 @@ def _relative_error(args, row: Row, out_BQHD, inputs) -> float:
     positions = layout.zigzag_permutation(row.seq_len, row.devices)[None] if row.method == "ring" and causal else None
     expected = np.asarray(attention(q, k, v, AttentionMask(causal=causal), q_positions_BQ=positions,
                                     kv_positions_BK=positions, implementation="reference"))
-    return float(np.max(np.abs(np.asarray(out_BQHD, np.float32) - expected)) / np.max(np.abs(expected)))
+    return float(np.max(np.abs(np.asarray(out_BQHW, np.float32) - expected)) / np.max(np.abs(expected)))
 
 
 def build(args, ra, row: Row):

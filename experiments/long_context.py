@@ -159,7 +159,7 @@ def kernel_name(cfg, batch_np: dict) -> str:
     m = cfg.model
     mask = attention_mask(m, causal=True)
     if cfg.mesh.sequence > 1:
-        return "ring/" + attention_ops.select_kernel(m.attention_kernel, mask, m.dtype, m.dim_per_head, mesh=cfg.mesh)
+        return "ring/" + attention_ops.select_kernel(m.attention_kernel, mask, m.dtype, m.dim_per_head)
     pos, seg = batch_np["positions_BL"], batch_np["segment_ids_BL"]
     return attention_ops.select_kernel(m.attention_kernel, mask, m.dtype, m.dim_per_head,
                                        layout_ok=attention_ops.cudnn_layout_ok(pos, pos, seg, seg))

@@ -199,20 +199,23 @@ def test_allowed_mask_shape_and_rules():
     np.testing.assert_array_equal(prefix[0], np.tri(6, dtype=bool) | (np.arange(6)[None] < 3))
 
 
-def test_may_attend_is_false_only_for_fully_masked_blocks():
-    """The range test never skips a block with a visible pair (random blocks against the dense rule)."""
+def test_block_range_tests_agree_with_the_pairwise_rule():
+    """`may_attend` never skips a block with a visible pair and `all_visible` never drops the mask of a block
+    with a hidden pair (random blocks against the dense rule); both do fire."""
     rng = np.random.default_rng(0)
     masks = [AttentionMask(causal=c, sliding_window=w, prefix_length=p)
              for c in (True, False) for w in (0, 3) for p in ((0, 4) if c else (0,))]
     for mask in masks:
-        skipped = 0
+        skipped = unmasked = 0
         for _ in range(200):
-            q_pos, kv_pos = rng.integers(0, 16, (1, 4)), rng.integers(0, 16, (1, 4))
+            q_pos, kv_pos = (rng.integers(0, 16) + rng.integers(0, 3, (1, 4)) for _ in range(2))
             q_seg, kv_seg = rng.integers(0, 3, (1, 4)), rng.integers(0, 3, (1, 4))
-            visible = mask.allowed(q_pos, kv_pos, q_seg, kv_seg).any()
-            assert visible <= bool(mask.may_attend(q_pos, kv_pos, q_seg, kv_seg)), mask
+            allowed = mask.allowed(q_pos, kv_pos, q_seg, kv_seg)
+            assert allowed.any() <= bool(mask.may_attend(q_pos, kv_pos, q_seg, kv_seg)), mask
+            assert bool(mask.all_visible(q_pos, kv_pos, q_seg, kv_seg)) <= allowed.all(), mask
             skipped += not mask.may_attend(q_pos, kv_pos)
-        assert skipped > 0 or mask.is_full, mask
+            unmasked += bool(mask.all_visible(q_pos, kv_pos))
+        assert (skipped > 0 or not mask.hides_pairs()) and unmasked > 0, mask
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -294,9 +297,9 @@ def test_cudnn_layout_ok_traced_and_explicit_cudnn_needs_known_layout():
                       layout_ok=cudnn_layout_ok(pos, pos, ones, 2 * ones))
     assert select_kernel("cudnn", CAUSAL, jnp.bfloat16, 16, platform="gpu", layout_ok=cudnn_layout_ok(pos, pos)) == "cudnn"
     assert select_kernel("auto", AttentionMask(prefix_length=4), jnp.bfloat16, 16, platform="gpu") == "blockwise"
-    window = AttentionMask(sliding_window=4)
-    assert select_kernel("auto", window, jnp.bfloat16, 16, platform="gpu") == "cudnn"
-    assert select_kernel("auto", window, jnp.bfloat16, 16, platform="gpu", mesh={"sequence": 2}) == "blockwise"
+    assert select_kernel("auto", AttentionMask(sliding_window=4), jnp.bfloat16, 16, platform="gpu") == "cudnn"
+    assert select_kernel("auto", AttentionMask(causal=False, sliding_window=4), jnp.bfloat16, 16,
+                         platform="gpu") == "blockwise"
 
 
 def test_blockwise_inside_shard_map_with_vma_checks():

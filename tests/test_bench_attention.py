@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # as when run as a script
-import bench_attention  # noqa: E402
+import bench_attention
 
 
 def run_bench(tmp_path, methods: str, *extra: str):

@@ -228,6 +228,19 @@ def test_config_mismatch_names_fields(tmp_path):
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+def test_renamed_arrays_fail_with_the_names_and_leave_the_checkpoint_alone(tmp_path):
+    """A checkpoint written by other model code (here: a parameter renamed since) is a different run, not a
+    corrupt one: one error naming the arrays, and nothing is moved aside."""
+    cfg = saved_run(tmp_path, 1)
+    renamed = jax.tree.map(lambda x: x, abstract_state(mesh_of(1)))
+    renamed["model"]["w_DF_renamed"] = renamed["model"].pop("w_DF")
+    with checkpointer(cfg) as ckpt:
+        with pytest.raises(ConfigError, match=r"other model code.*model/w_DF_renamed.*model/w_DF"):
+            ckpt.restore_latest(renamed)
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+    assert not (tmp_path / "run" / "checkpoints_skipped").exists()
+
+
 def test_resumable_fields_may_change(tmp_path):
     cfg = saved_run(tmp_path, 1)
     longer = Config(model=cfg.model, mesh=MeshConfig(data=2, fsdp=-1), run_dir=cfg.run_dir, steps=5000,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -18,7 +17,6 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CONFIG_DIR = EXPERIMENTS / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
 SCRIPTS = ("bench_attention", "long_context", "moe_routing", "pe_extrapolation")
-sys.path.insert(0, str(EXPERIMENTS))  # as when run as a script
 
 
 def test_there_are_experiment_configs():

@@ -2,13 +2,10 @@
 gradient norm as the same model on one device with plain attention, and the results files are written."""
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # as when run as a script
-import long_context as lc  # noqa: E402
+import long_context as lc
 
 
 def test_ring_step_matches_dense_step_and_writes_results(tmp_path):

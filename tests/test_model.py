@@ -122,7 +122,7 @@ def test_scan_equals_unrolled_with_moe_groups_and_leftover_layer():
     (_, aux), state = call(model_for(MOE), x, update_router_bias=True)
     unrolled = unrolled_copy(cfg_with(MOE, scan_layers=False), model_for(MOE))
     nnx.jit(lambda m, x: m(x, update_router_bias=True))(unrolled, x)
-    load = np.asarray(aux["moe/expert_load_LE"]).reshape(-1)
+    load = np.asarray(aux["moe/expert_load_NE"]).reshape(-1)
     np.testing.assert_allclose(router_bias(state), 0.01 * np.sign(load.mean() - load), atol=1e-7)
     np.testing.assert_allclose(router_bias(nnx.state(unrolled)), router_bias(state), atol=1e-7)
 
@@ -149,13 +149,13 @@ def test_moe_aux_stacked_and_router_bias_update_survives_scan():
         return jnp.mean(logits) + aux["aux_loss"], (aux, nnx.split(model, nnx.Param, ...)[2])
 
     (_, (aux, new_rest)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest)
-    assert aux["moe/expert_load_LE"].shape == (1, 4)  # 3 layers, every 2nd is MoE: one MoE layer
-    np.testing.assert_allclose(aux["moe/expert_load_LE"].sum(-1), 1.0, rtol=1e-6)
+    assert aux["moe/expert_load_NE"].shape == (1, 4)  # 3 layers, every 2nd is MoE: one MoE layer
+    np.testing.assert_allclose(aux["moe/expert_load_NE"].sum(-1), 1.0, rtol=1e-6)
     want_aux = 1e-2 * aux["moe/load_balance_loss"].sum() + 1e-3 * aux["moe/router_z_loss"].sum()
     np.testing.assert_allclose(aux["aux_loss"], want_aux, rtol=1e-6)
     assert float(aux["aux_loss"]) > 0
     assert np.abs(np.asarray(grads["layers"]["groups"]["blocks"][1]["ffn"]["router_w"][...])).max() > 0
-    load = np.asarray(aux["moe/expert_load_LE"]).reshape(-1)
+    load = np.asarray(aux["moe/expert_load_NE"]).reshape(-1)
     moved = router_bias(new_rest)
     np.testing.assert_allclose(moved, 0.01 * np.sign(load.mean() - load), atol=1e-7)
     assert np.abs(moved).max() > 0

@@ -5,14 +5,12 @@ written, and a rerun reuses the finished run."""
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # as when run as a script
-import moe_routing as mr  # noqa: E402
+import moe_routing as mr
 
 TINY = ["mesh.data=-1", "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32",
         "data.global_batch_size=8", "steps=6", "log_every=2", "eval_batches=1", "optim.warmup_steps=2"]
@@ -22,7 +20,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _loads_LE(record: dict) -> np.ndarray:
+def _loads_NE(record: dict) -> np.ndarray:
     layers = sorted({int(k.split("/")[2][5:]) for k in record if k.startswith("moe/expert_load/")})
     return np.array([[record[f"moe/expert_load/layer{l}/expert{e}"] for e in range(8)] for l in layers])
 
@@ -50,7 +48,7 @@ def test_sweep_row_matches_metrics_and_rerun_reuses_the_run(tmp_path):
     assert saved_moe["load_balance_coef"] == 0.0 and saved_moe["router_z_loss_coef"] == 0.0
     assert all(r["aux_loss"] == 0.0 and r["moe/load_balance_loss/layer0"] > 0.5 for r in records)
 
-    loads = [_loads_LE(r) for r in records]
+    loads = [_loads_NE(r) for r in records]
     np.testing.assert_allclose([x.sum(-1) for x in loads], 1.0, rtol=1e-5)
     cv = [np.mean(x.std(-1) / x.mean(-1)) for x in loads]
     peak = [np.mean(x.max(-1) / x.mean(-1)) for x in loads]
@@ -71,9 +69,9 @@ def test_summary_averages_layers_and_steps_in_float64():
     rng = np.random.default_rng(0)
     loads = rng.dirichlet(np.full(4, 0.3), size=(5, 3))  # 5 logged steps, 3 MoE layers, 4 experts
     records = []
-    for step, loads_LE in enumerate(loads, start=1):
+    for step, loads_NE in enumerate(loads, start=1):
         record = {"step": 10 * step, "loss": 3.0 - step / 10}
-        for l, load_E in enumerate(loads_LE):
+        for l, load_E in enumerate(loads_NE):
             record |= {f"moe/expert_load/layer{l}/expert{e}": float(x) for e, x in enumerate(load_E)}
             record |= {f"moe/load_cv/layer{l}": float(load_E.std() * 4), f"moe/load_max_over_mean/layer{l}":
                        float(load_E.max() * 4), f"moe/dropped_fraction/layer{l}": float(l / 10),

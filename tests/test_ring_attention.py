@@ -96,6 +96,11 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ring_matches_dense_float64(name):
+    check_case(name)
+
+
+def check_case(name, kernel=None):
+    """The ring on CASES[name] (with its kernel, or `kernel`) equals float64 dense attention and gradients."""
     axes, B, L, H, G, opts = CASES[name]
     mesh_cfg = MeshConfig(**{"data": 1, **axes})
     devices = jax.devices()[:int(np.prod(list(axes.values())))]
@@ -112,8 +117,8 @@ def test_ring_matches_dense_float64(name):
     slopes = (0.5, 0.25, 0.125, 0.0625)[:H] if opts.get("alibi") else None
     mask = AttentionMask(causal=opts["causal"], sliding_window=opts.get("window", 0),
                          prefix_length=opts.get("prefix", 0), alibi_slopes=slopes)
-    got = run_ring(mesh, q, k, v, cot, pos, pos, seg, mask, zigzag=opts["zigzag"], kernel=opts.get("kernel", "auto"),
-                   block_size=opts.get("block_size", 512))
+    got = run_ring(mesh, q, k, v, cot, pos, pos, seg, mask, zigzag=opts["zigzag"],
+                   kernel=kernel or opts.get("kernel", "auto"), block_size=opts.get("block_size", 512))
     want = dense_np(q, k, v, cot, pos, pos, seg, seg, mask)
     for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
         assert_close(g, w, 1e-5, f"{name} {what}")
@@ -216,3 +221,20 @@ def test_ring_is_mapped_with_vma_checks(kernel):
 
     jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss))(q))
     assert "check_vma=True" in jaxpr and "check_vma=False" not in jaxpr
+
+
+@pytest.mark.parametrize("name", ["causal_gqa_zigzag_ring4_chunked", "segments_zigzag_ring4",
+                                  "sliding_window_contiguous_ring4", "bidirectional_window_segments_ring2"])
+def test_cudnn_block_routing_is_exact_with_an_index_masked_stand_in(name, monkeypatch):
+    """The ring's cuDNN path sends each sub-block to no mask, the index-based causal (+ window) mask, or the
+    generic kernel. With cuDNN replaced by the reference kernel masking by index, as cuDNN does, the ring must
+    still equal the dense float64 attention: the routing is checked on CPU."""
+    from transformer.ops import attention as attention_ops
+
+    def index_masked(q, k, v, *, causal, sliding_window=0, scale, return_lse=False):
+        mask = AttentionMask(causal=causal, sliding_window=sliding_window)
+        return attention_ops.attention(q, k, v, mask, scale=scale, implementation="reference", return_lse=return_lse)
+
+    monkeypatch.setattr(attention_ops, "cudnn_attention", index_masked)
+    monkeypatch.setattr(attention_ops, "cudnn_problem", lambda *args, **kwargs: None)
+    check_case(name, kernel="cudnn")

@@ -224,7 +224,7 @@ def test_moe_router_bias_updates_survive_accumulated_micro_batches(tmp_path):
     got = jax.tree.leaves(nnx.state(nnx.merge(graphdef, new_state).model, lambda path, v: "router_bias" in str(path)))
     assert len(got) == len(want) == 1 and np.any(np.asarray(got[0]) != 0)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-    assert step_metrics["aux_loss"] > 0 and step_metrics["moe/expert_load_LE"].shape == (1, 4)
+    assert step_metrics["aux_loss"] > 0 and step_metrics["moe/expert_load_NE"].shape == (1, 4)
 
 
 def _reference_sums(logits_BLV, targets_BL, mask_BL) -> tuple[float, float]:
@@ -341,7 +341,7 @@ def test_config_errors_in_process_exit_2(argv, needle, tmp_path, capsys):
 
 
 def test_flatten_names_layers_and_experts():
-    flat = metrics.flatten({"loss": np.float32(2.5), "moe/expert_load_LE": np.arange(6.0).reshape(2, 3),
+    flat = metrics.flatten({"loss": np.float32(2.5), "moe/expert_load_NE": np.arange(6.0).reshape(2, 3),
                             "moe/dropped_fraction": np.array([0.25, 0.5]), "steps": np.int32(3), "misc": np.ones(2)})
     assert flat["loss"] == 2.5 and flat["steps"] == 3
     assert flat["moe/expert_load/layer1/expert2"] == 5.0 and flat["moe/expert_load/layer0/expert0"] == 0.0
@@ -389,9 +389,9 @@ def test_held_out_eval_reports_loss_and_routing_statistics_of_the_eval_batches(t
                             segment_ids_BL=jnp.asarray(batch["segment_ids_BL"]))
         batch_ce, _ = _reference_sums(logits, batch["targets_BL"], batch["loss_mask_BL"])
         ce, tokens = ce + batch_ce, tokens + float(np.sum(batch["loss_mask_BL"]))
-        loads.append(np.asarray(aux["moe/expert_load_LE"]))
+        loads.append(np.asarray(aux["moe/expert_load_NE"]))
     assert result["eval_loss"] == pytest.approx(ce / tokens, rel=1e-5)
-    np.testing.assert_allclose(result["eval/moe/expert_load_LE"], np.mean(loads, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(result["eval/moe/expert_load_NE"], np.mean(loads, axis=0), rtol=1e-5)
     assert not np.allclose(loads[0], loads[1])  # two different batches really were averaged
     flat = metrics.flatten(result)
     assert {"eval/moe/load_cv/layer0", "eval/moe/dropped_token_fraction/layer0",

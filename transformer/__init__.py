@@ -7,7 +7,7 @@ each letter has one meaning everywhere in the library:
     Q  query length                        K  key/value length (attention kernels, where Q and K differ)
     S  source length (the encoder output cross-attention reads)
     D  model width (d_model)               F  feed-forward hidden width
-    V  vocabulary                          W  head width (model.dim_per_head)
+    V  vocabulary                          W  head width (model.dim_per_head), J  rotary frequencies (W / 2)
     H  query heads                         G  key/value heads
     R  query heads per key/value head (H / G; GQA groups)
     E  experts                             C  expert capacity (token slots per expert)

@@ -98,6 +98,22 @@ def _check_same_run(saved: dict, current: Config, where: str) -> None:
             "Use a new run_dir, or checkpoint.init_from=<that run_dir> to start from its params.")
 
 
+def _check_same_layout(step_dir: Path, abstract_pure: dict) -> None:
+    """ConfigError when the checkpoint's saved arrays have other names than this code's state (the model code
+    changed, e.g. a renamed parameter); an unreadable layout is left to the restore to judge."""
+    try:
+        saved_tree = _step_checkpointer(ocp.PyTreeCheckpointHandler()).metadata(step_dir).item_metadata["state"].tree
+    except Exception:  # noqa: BLE001  (partial or corrupt: the restore reports it)
+        return
+    saved, expected = set(_flat_paths(saved_tree)), set(_flat_paths(abstract_pure))
+    if saved != expected:
+        missing, extra = (sorted("/".join(path) for path in paths) for paths in (expected - saved, saved - expected))
+        raise ConfigError(
+            f"checkpoint {str(step_dir)!r} was written by other model code: it lacks {len(missing)} arrays this code "
+            f"has (e.g. {', '.join(missing[:2]) or 'none'}) and has {len(extra)} it does not (e.g. "
+            f"{', '.join(extra[:2]) or 'none'}). Restore it with the version that wrote it, or use a new run_dir.")
+
+
 # ---------------------------------------------------------------- state trees
 
 
@@ -266,6 +282,7 @@ class Checkpointer:
             problem = _problem_anywhere(problem)
             if problem is None:
                 _check_same_run(saved_config, self.config, f"checkpoint {str(step_dir)!r}")
+                _check_same_layout(step_dir, abstract_pure)
                 try:
                     restored = self._manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_pure))).state

@@ -1,7 +1,7 @@
 """Training metrics: JSONL (always) and TensorBoard logs, throughput, MFU and flattened MoE statistics.
 
     writer = MetricsWriter(run_dir, tensorboard=True, start_step=0)
-    writer.write(step, {"loss": 2.3, "moe/expert_load_LE": load_NE})
+    writer.write(step, {"loss": 2.3, "moe/expert_load_NE": load_NE})
     writer.close()
 
 Only process 0 writes. `run_dir/metrics.jsonl` holds one JSON object per logged step; a
@@ -60,9 +60,8 @@ def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int, device_ki
 def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Scalars from a dict of scalars and arrays.
 
-    Arrays are split by the trailing letters of their key, read with the logged keys' own letters
-    (`_LETTER_NAMES`, not the tensor-name legend): "moe/expert_load_LE" of shape (MoE layers, E) becomes
-    "moe/expert_load/layer{l}/expert{e}"; an unsuffixed 1-D "moe/..." array is per MoE layer
+    Arrays are split by the trailing legend letters of their key (`_LETTER_NAMES`): "moe/expert_load_NE" of
+    shape (MoE layers, E) becomes "moe/expert_load/layer{l}/expert{e}"; an unsuffixed 1-D "moe/..." array is per MoE layer
     ("moe/dropped_fraction/layer{l}"); other arrays get "dim{d}_{i}" parts.
     """
     flat: dict[str, float] = {}
@@ -78,7 +77,7 @@ def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-_LETTER_NAMES = {"L": "layer", "E": "expert", "K": "choice", "B": "row", "H": "head"}
+_LETTER_NAMES = {"N": "layer", "E": "expert", "X": "choice", "B": "row", "H": "head"}
 
 
 def _split_shape_suffix(key: str, ndim: int) -> tuple[str, list[str]]:

@@ -13,7 +13,7 @@ Non-Param state (the MoE `RouterBias`) written inside the step comes back throug
 outputs and, with `update_router_bias=True`, is written into the model (in place); otherwise the
 model's variables are left untouched, so a model merged from closed-over state stays usable. MoE
 statistics come back through the scan outputs too: aux = {"aux_loss": sum of weighted MoE losses,
-"moe/<stat>": per-MoE-layer values stacked on a leading axis ("expert_load_E" is logged as "expert_load_LE",
+"moe/<stat>": per-MoE-layer values stacked on a leading axis ("expert_load_E" is logged as "expert_load_NE",
 the key metrics.flatten splits per layer and expert)}.
 """
 
@@ -122,7 +122,7 @@ def moe_aux(stats: dict, prefix: str = "moe/") -> dict:
     aux = {"aux_loss": jnp.sum(stats["aux_loss"]).astype(jnp.float32) if stats else jnp.zeros((), jnp.float32)}
     for key, value in stats.items():
         if key != "aux_loss":
-            aux[prefix + (key[:-2] + "_LE" if key.endswith("_E") else key)] = value
+            aux[prefix + (key[:-2] + "_NE" if key.endswith("_E") else key)] = value
     return aux
 
 

@@ -76,10 +76,10 @@ def use_mesh(mesh: Mesh):
 
 
 def current_mesh() -> Mesh | AbstractMesh | None:
-    """jax's current mesh: the concrete Mesh outside jit, its AbstractMesh while tracing; None outside
-    any `use_mesh`."""
+    """jax's current mesh: the concrete Mesh outside jit, its AbstractMesh while tracing; None outside any
+    `use_mesh` (or under a mesh that lacks this library's axes, which the logical axis rules cannot use)."""
     abstract = jax.sharding.get_abstract_mesh()
-    if abstract.empty:
+    if abstract.empty or not set(MESH_AXES) <= set(abstract.axis_names):
         return None
     try:
         return jax.sharding.get_mesh()

@@ -44,15 +44,13 @@ def check_kernel_name(implementation: str) -> None:
 
 
 def ring_size(mesh) -> int:
-    """Devices on the `sequence` axis of a mesh (or of a dict of axis sizes; 1 without either): above 1,
-    attention runs as a ring."""
-    return 1 if mesh is None else dict(getattr(mesh, "shape", mesh)).get(SEQUENCE, 1)
+    """Devices on the `sequence` axis of a mesh (1 without one): above 1, attention runs as a ring."""
+    return 1 if mesh is None else dict(mesh.shape).get(SEQUENCE, 1)
 
 
-def cudnn_problem(mask: AttentionMask, dtype, head_width: int, *, ring: bool = False,
-                  platform: str | None = None) -> str | None:
-    """Why cuDNN flash attention cannot run this mask, dtype and head width (inside a ring, with `ring`),
-    or None. `platform` defaults to jax.default_backend()."""
+def cudnn_problem(mask: AttentionMask, dtype, head_width: int, *, platform: str | None = None) -> str | None:
+    """Why cuDNN flash attention (which masks by token index) cannot run this mask, dtype and head width,
+    or None. Also holds inside a ring. `platform` defaults to jax.default_backend()."""
     platform = jax.default_backend() if platform is None else platform
     if platform != "gpu":
         return f"it needs a GPU, but the JAX platform is {platform!r}"
@@ -64,9 +62,8 @@ def cudnn_problem(mask: AttentionMask, dtype, head_width: int, *, ring: bool = F
         return "it cannot add ALiBi biases"
     if mask.prefix_length:
         return f"it has no prefix-LM mask (prefix_length={mask.prefix_length})"
-    if mask.sliding_window and (ring or not mask.causal):
-        where = "across ring blocks" if ring else "without causal masking"
-        return f"it has no sliding window {where} (sliding_window={mask.sliding_window})"
+    if mask.sliding_window and not mask.causal:
+        return f"it has no sliding window without causal masking (sliding_window={mask.sliding_window})"
     return None
 
 
@@ -78,10 +75,10 @@ def _known(flag) -> bool | None:
         return None
 
 
-def select_kernel(implementation: str, mask: AttentionMask, dtype, head_width: int, *, mesh=None,
-                  layout_ok=True, platform: str | None = None) -> str:
-    """The kernel that runs: "reference", "blockwise" or "cudnn" (per ring block when `mesh` has a
-    sequence axis > 1).
+def select_kernel(implementation: str, mask: AttentionMask, dtype, head_width: int, *, layout_ok=True,
+                  platform: str | None = None) -> str:
+    """The kernel that runs: "reference", "blockwise" or "cudnn"; inside Ring Attention the kernel of each
+    block (the ring runs cuDNN on the blocks its index-based masks express, blockwise on the rest).
 
     "auto" picks cudnn when `cudnn_problem` finds none and `layout_ok` (from `cudnn_layout_ok`) is not
     False; for a traced `layout_ok` it answers "cudnn" and `attention` falls back to blockwise at run time
@@ -91,7 +88,7 @@ def select_kernel(implementation: str, mask: AttentionMask, dtype, head_width: i
     check_kernel_name(implementation)
     if implementation in ("reference", "blockwise"):
         return implementation
-    problem = cudnn_problem(mask, dtype, head_width, ring=ring_size(mesh) > 1, platform=platform)
+    problem = cudnn_problem(mask, dtype, head_width, platform=platform)
     if implementation == "cudnn":
         if problem is None and _known(layout_ok) is not True:
             problem = ("it masks by token index, and the given position ids / segment ids are not (known to be) "
@@ -242,9 +239,9 @@ def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
         out_BqHW = jnp.einsum("bgrqw->bqgrw", acc_BGRqW / l_safe[..., None]).reshape(B, bq, H, Wv)
         return out_BqHW.astype(q_BQHW.dtype), lse_BGRq.reshape(B, H, bq)
 
-    out_nBqHW, lse_nBHq = lax.map(q_chunk, jnp.arange(Qp // bq))
-    out_BQHW = jnp.moveaxis(out_nBqHW, 0, 1).reshape(B, Qp, H, Wv)
-    lse_BHQ = jnp.moveaxis(lse_nBHq, 0, 2).reshape(B, H, Qp)
+    out_UBqHW, lse_UBHq = lax.map(q_chunk, jnp.arange(Qp // bq))
+    out_BQHW = jnp.moveaxis(out_UBqHW, 0, 1).reshape(B, Qp, H, Wv)
+    lse_BHQ = jnp.moveaxis(lse_UBHq, 0, 2).reshape(B, H, Qp)
     return out_BQHW, lse_BHQ
 
 
@@ -289,8 +286,8 @@ def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvali
         return (dk_BKGW, dv_BKGW), dq_BqGRW.reshape(B, bq, H, W)
 
     dkv_init = (full_like_inputs((B, Kp, G, W), 0.0, *inputs), full_like_inputs((B, Kp, G, Wv), 0.0, *inputs))
-    (dk_BKGW, dv_BKGW), dq_nBqHW = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
-    return jnp.moveaxis(dq_nBqHW, 0, 1).reshape(B, Qp, H, W), dk_BKGW, dv_BKGW
+    (dk_BKGW, dv_BKGW), dq_UBqHW = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
+    return jnp.moveaxis(dq_UBqHW, 0, 1).reshape(B, Qp, H, W), dk_BKGW, dv_BKGW
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

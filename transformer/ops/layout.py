@@ -2,8 +2,8 @@
 
 Ring attention splits the length axis over the `sequence` mesh axis. Under a causal mask a contiguous
 split gives device r about r times the work of device 0; zigzag order balances it: of 2P equal chunks,
-device r holds natural chunks r and 2P-1-r. Data placement (`to_zigzag`), evaluation (`from_zigzag`,
-`zigzag_inverse`) and the ring kernel all use this one module.
+device r holds natural chunks r and 2P-1-r. Data placement (`to_zigzag`), evaluation (`zigzag_inverse`)
+and the ring kernel (`ring_length_problem`, `num_parts`) all use this one module.
 """
 
 from __future__ import annotations
@@ -75,8 +75,7 @@ def from_zigzag(x, ring_size: int, axis: int = 1):
 
 def num_parts(mask: AttentionMask, has_segments: bool, q_len: int, kv_len: int) -> int:
     """The ring splits each shard into this many equal sub-blocks (2 when some could be skipped)."""
-    maskable = not mask.is_full or has_segments
-    return 2 if maskable and q_len % 2 == 0 and kv_len % 2 == 0 else 1
+    return 2 if mask.hides_pairs(has_segments) and q_len % 2 == 0 and kv_len % 2 == 0 else 1
 
 
 def ring_work(seq_len: int, ring_size: int, *, layout: str = "zigzag",

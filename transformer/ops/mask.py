@@ -8,9 +8,10 @@ sharded sequences are all masked exactly. With dq = q position - kv position, a 
     sliding_window w  |dq| < w
     segment ids       the query's and the key's segment ids are equal
 
-and ALiBi adds -slope_h * |dq| to head h's scores. Every kernel (reference, blockwise, cuDNN, ring,
-decode) asks the mask, through `allowed` for a tile of pairs, `may_attend` for whether a whole block
-can be skipped, and `alibi_bias_BHQK` for the bias.
+and ALiBi adds -slope_h * |dq| to head h's scores. The kernels (reference, blockwise, ring) ask the mask,
+through `allowed` for a tile of pairs, `may_attend` for whether a whole block can be skipped, `all_visible`
+for whether it needs no mask, and `alibi_bias_BHQK` for the bias; `ops.attention.cudnn_problem` reads its
+fields to decide whether cuDNN's index-based masks can express it.
 
 `allowed` and `may_attend` use only operators and `.min` / `.max`, so they take NumPy or jax arrays.
 """
@@ -27,8 +28,8 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
     """causal: keys at later positions are hidden. sliding_window: keys |dq| >= w positions away are
-    hidden (0: no window). prefix_length: with causal, keys at positions < prefix_length are visible to
-    every query (prefix-LM: bidirectional over the prefix, causal after it; positions restart per packed
+    hidden (0: no window). prefix_length: with causal, keys at positions < prefix_length are exempt from the
+    causal rule (prefix-LM: bidirectional over the prefix, causal after it; positions restart per packed
     segment, so each document gets its own prefix). alibi_slopes: one ALiBi slope per query head, or None."""
 
     causal: bool = True
@@ -53,10 +54,9 @@ class AttentionMask:
         object.__setattr__(self, "sliding_window", int(self.sliding_window))
         object.__setattr__(self, "prefix_length", int(self.prefix_length))
 
-    @property
-    def is_full(self) -> bool:
-        """True when only segment ids can hide a key (no causal rule, no window)."""
-        return not self.causal and not self.sliding_window
+    def hides_pairs(self, has_segments: bool = False) -> bool:
+        """Whether some (query, key) pair can be hidden: by the causal rule, the window, or segment ids."""
+        return self.causal or bool(self.sliding_window) or has_segments
 
     def replace(self, **changes: Any) -> "AttentionMask":
         return dataclasses.replace(self, **changes)
@@ -70,12 +70,12 @@ class AttentionMask:
     def allowed(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
         """bool BQK: whether query q may see key k (broadcast over any leading dims)."""
         q_BQ1, k_B1K = q_positions_BQ[..., :, None], kv_positions_BK[..., None, :]
-        dq_BQK = q_BQ1 - k_B1K
-        ok_BQK = (dq_BQK >= 0) if self.causal else (dq_BQK == dq_BQK)
+        distance_BQK = q_BQ1 - k_B1K
+        ok_BQK = (distance_BQK >= 0) if self.causal else (distance_BQK == distance_BQK)
         if self.prefix_length:
             ok_BQK = ok_BQK | (k_B1K < self.prefix_length)
         if self.sliding_window:
-            ok_BQK = ok_BQK & (abs(dq_BQK) < self.sliding_window)
+            ok_BQK = ok_BQK & (abs(distance_BQK) < self.sliding_window)
         if q_segment_ids_BQ is not None:
             ok_BQK = ok_BQK & (q_segment_ids_BQ[..., :, None] == kv_segment_ids_BK[..., None, :])
         return ok_BQK
@@ -97,6 +97,25 @@ class AttentionMask:
             ok_B = (ok_B & (kv_segment_ids_BK.min(axis=-1) <= q_segment_ids_BQ.max(axis=-1))
                     & (q_segment_ids_BQ.min(axis=-1) <= kv_segment_ids_BK.max(axis=-1)))
         return ok_B.any()
+
+    def all_visible(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
+        """Scalar bool, True only when `allowed` is True for every pair (judged by ranges, like `may_attend`):
+        such a block needs no mask at all."""
+        q_lo, q_hi = q_positions_BQ.min(axis=-1), q_positions_BQ.max(axis=-1)
+        k_lo, k_hi = kv_positions_BK.min(axis=-1), kv_positions_BK.max(axis=-1)
+        ok_B = q_lo == q_lo
+        if self.causal:
+            visible_B = k_hi <= q_lo
+            if self.prefix_length:
+                visible_B = visible_B | (k_hi < self.prefix_length)
+            ok_B = ok_B & visible_B
+        if self.sliding_window:
+            ok_B = ok_B & (q_hi - k_lo < self.sliding_window) & (k_hi - q_lo < self.sliding_window)
+        if q_segment_ids_BQ is not None:
+            segment = q_segment_ids_BQ.min(axis=-1)
+            ok_B = (ok_B & (q_segment_ids_BQ.max(axis=-1) == segment) & (kv_segment_ids_BK.min(axis=-1) == segment)
+                    & (kv_segment_ids_BK.max(axis=-1) == segment))
+        return ok_B.all()
 
     def alibi_bias_BHQK(self, q_positions_BQ, kv_positions_BK):
         """float32 -slope_h * |dq|, or None without ALiBi."""

@@ -98,23 +98,23 @@ def rope_inv_freq(head_dim: int, *, theta: float = 10000.0, scaling: str = "none
     return inv_freq.astype(np.float32), float(mscale)
 
 
-def apply_rope(x_BLHD, positions_BL, inv_freq, mscale: float = 1.0):
-    """Rotate pairs (i, i + D/2) of the last axis by angle position * inv_freq[i] (rotate-half convention)."""
+def apply_rope(x_BLHW, positions_BL, inv_freq, mscale: float = 1.0):
+    """Rotate pairs (i, i + W/2) of the last axis by angle position * inv_freq[i] (rotate-half convention)."""
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
     half = inv_freq.shape[0]
-    if x_BLHD.ndim != 4 or x_BLHD.shape[-1] != 2 * half:
-        raise ValueError(f"apply_rope: x shape {tuple(x_BLHD.shape)} must be (B, L, H, {2 * half}) "
+    if x_BLHW.ndim != 4 or x_BLHW.shape[-1] != 2 * half:
+        raise ValueError(f"apply_rope: x shape {tuple(x_BLHW.shape)} must be (B, L, H, {2 * half}) "
                          f"for {half} inverse frequencies")
-    if tuple(positions_BL.shape) != tuple(x_BLHD.shape[:2]):
+    if tuple(positions_BL.shape) != tuple(x_BLHW.shape[:2]):
         raise ValueError(f"apply_rope: positions shape {tuple(positions_BL.shape)} must equal "
-                         f"x's (B, L) = {tuple(x_BLHD.shape[:2])}")
-    angle_BLF = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-    cos_BL1F = jnp.cos(angle_BLF)[:, :, None, :] * mscale
-    sin_BL1F = jnp.sin(angle_BLF)[:, :, None, :] * mscale
-    x = x_BLHD.astype(jnp.float32)
+                         f"x's (B, L) = {tuple(x_BLHW.shape[:2])}")
+    angle_BLJ = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    cos_BL1J = jnp.cos(angle_BLJ)[:, :, None, :] * mscale
+    sin_BL1J = jnp.sin(angle_BLJ)[:, :, None, :] * mscale
+    x = x_BLHW.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos_BL1F - x2 * sin_BL1F, x2 * cos_BL1F + x1 * sin_BL1F], axis=-1)
-    return out.astype(x_BLHD.dtype)
+    out = jnp.concatenate([x1 * cos_BL1J - x2 * sin_BL1J, x2 * cos_BL1J + x1 * sin_BL1J], axis=-1)
+    return out.astype(x_BLHW.dtype)
 
 
 def sinusoidal_embedding(positions_BL, d_model: int):

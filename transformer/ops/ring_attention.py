@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from transformer import sharding
 from transformer.config import SEQUENCE, TENSOR, MeshConfig
@@ -61,8 +61,7 @@ def ring_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, axis_name=SEQ
     tokens = _with_defaults(q_BQHW, k_BKGW, contiguous, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
                             kv_segment_ids_BK)
     attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, scale=scale, block_size=block_size)
-    kernel = attention_ops.select_kernel(implementation, mask, q_BQHW.dtype, W,
-                                         mesh={SEQUENCE: lax.axis_size(axis_name)})
+    kernel = attention_ops.select_kernel(implementation, mask, q_BQHW.dtype, W)
     opts = _Options(axis_name, mask, float(1.0 / math.sqrt(W) if scale is None else scale), kernel, int(block_size))
     return _ring(opts, q_BQHW, k_BKGW, v_BKGW, *(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens))
 
@@ -98,7 +97,8 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
                            q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None,
                            scale: float | None = None, implementation: str = "auto", block_size: int = 512):
     """`ring_attention` on global arrays: shard_map over the mesh's `sequence` axis (batch and heads as
-    `sharding.logical_to_spec` decides). `mesh` defaults to the current one.
+    `sharding.logical_to_spec` decides; with ALiBi the compiler splits the heads). `mesh` defaults to the
+    current one.
 
     Positions are (L,) or (B, L) in the same (e.g. zigzag) order as the tokens (default arange); for
     balanced causal work feed the sequence in zigzag order (`layout.to_zigzag`) together with its
@@ -122,16 +122,20 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
                                              mask.causal)
         if problem:
             raise ValueError(problem)
-    kernel = attention_ops.select_kernel(implementation, mask, q_BQHW.dtype, W, mesh=mesh)
+    kernel = attention_ops.select_kernel(implementation, mask, q_BQHW.dtype, W)
 
-    split_heads = mask.alibi_slopes is None  # the mask's ALiBi slopes are static, one per head of the whole layer
-    q_spec = sharding.logical_to_spec(("batch", "length", "heads" if split_heads else None, None), mesh,
+    # The mask's ALiBi slopes are static, one per head of the whole layer: with ALiBi the heads stay whole
+    # inside the manual region and the `tensor` axis is left to the compiler (it still splits the heads).
+    manual_heads = mask.alibi_slopes is None
+    manual_axes = set(mesh.axis_names) - (set() if manual_heads else {TENSOR})
+    q_spec = sharding.logical_to_spec(("batch", "length", "heads" if manual_heads else None, None), mesh,
                                       q_BQHW.shape)
     G, tensor = k_BKGW.shape[2], mesh.shape.get(TENSOR, 1)
     if q_spec[2] is not None and G % tensor:
         # q heads split over `tensor` but kv heads cannot be: give each shard its own kv copies
         k_BKGW, v_BKGW = (jnp.repeat(x, math.lcm(G, tensor) // G, axis=2) for x in (k_BKGW, v_BKGW))
-    kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads" if split_heads else None, None), mesh, k_BKGW.shape)
+    kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads" if manual_heads else None, None), mesh,
+                                       k_BKGW.shape)
     tokens_specs = tuple(None if x is None else sharding.logical_to_spec(("batch", "length"), mesh, x.shape)
                          for x in tokens)
 
@@ -142,7 +146,7 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
     # Older jax releases' cuDNN attention primitive drops the varying-mesh-axes type of its outputs
     # (jax-ml/jax#36008), so only that block kernel is mapped without the vma type check.
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, tokens_specs), out_specs=q_spec,
-                           check_vma=kernel != "cudnn")
+                           axis_names=manual_axes, check_vma=kernel != "cudnn")
     return mapped(q_BQHW, k_BKGW, v_BKGW, tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens))
 
 
@@ -222,10 +226,6 @@ def _step_forward(opts, q, k, v, kpos, kseg, qpos, qseg):
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
-def _skippable(opts, qseg) -> bool:
-    return not opts.mask.is_full or qseg is not None
-
-
 def _sub_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
     B, Q, H, _ = q.shape
     like = (q, k, qpos, kpos)
@@ -242,31 +242,28 @@ def _sub_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
 
     if opts.kernel == "cudnn":
         return _cudnn_forward(opts, q, k, v, qpos, kpos, qseg, kseg, empty, generic)
-    if not _skippable(opts, qseg):
+    if not opts.mask.hides_pairs(qseg is not None):
         return generic(None)
     return lax.cond(opts.mask.may_attend(qpos, kpos, qseg, kseg), generic, empty, None)
 
 
 def _cudnn_forward(opts, q, k, v, qpos, kpos, qseg, kseg, empty, generic):
-    """cuDNN flash attention on sub-blocks whose q and kv tokens share one segment per row and that are
-    unmasked or aligned-causal; the rest via `generic` (cudnn_problem keeps windows, prefixes and ALiBi out)."""
-    def cudnn(is_causal):
+    """cuDNN flash attention on the sub-blocks its index-based masks express exactly: those the mask leaves
+    whole (no mask) and diagonal ones (q and kv at the same consecutive positions, one segment: causal with
+    the window); `generic` on the rest. `cudnn_problem` keeps ALiBi and prefixes out of here."""
+    def cudnn(masked):
         def run(_):
-            out, lse = attention_ops.cudnn_attention(q, k, v, causal=is_causal, scale=opts.scale, return_lse=True)
+            out, lse = attention_ops.cudnn_attention(
+                q, k, v, causal=masked and opts.mask.causal, sliding_window=opts.mask.sliding_window if masked else 0,
+                scale=opts.scale, return_lse=True)
             return out.astype(_F32), lse
         return run
 
-    if not opts.mask.causal and qseg is None:
-        return cudnn(False)(None)
-    one_segment = jnp.asarray(True)
-    if qseg is not None:
-        one_segment = (qseg == qseg[:, :1]).all() & (kseg == qseg[:, :1]).all()
-    unmasked = (kpos.max(axis=-1) <= qpos.min(axis=-1)).all() if opts.mask.causal else jnp.asarray(True)
-    aligned = jnp.asarray(False)
-    if opts.mask.causal and q.shape[1] == k.shape[1]:
-        aligned = (qpos == kpos).all() & (jnp.diff(qpos, axis=-1) == 1).all()
-    may = opts.mask.may_attend(qpos, kpos, qseg, kseg)
-    branch = jnp.where(~may, 0, jnp.where(one_segment & unmasked, 1, jnp.where(one_segment & aligned, 2, 3)))
+    mask = opts.mask
+    tokens = (qpos, kpos, qseg, kseg)
+    diagonal = attention_ops.cudnn_layout_ok(*tokens) if q.shape[1] == k.shape[1] else jnp.asarray(False)
+    branch = jnp.where(~mask.may_attend(*tokens), 0, jnp.where(mask.all_visible(*tokens), 1,
+                                                               jnp.where(diagonal, 2, 3)))
     return lax.switch(branch, [empty, cudnn(False), cudnn(True), generic], None)
 
 
@@ -319,6 +316,6 @@ def _sub_backward(opts, q, k, v, qpos, kpos, qseg, kseg, dout, lse, dsoft):
     def empty(_):
         return _zeros(q.shape, *like), _zeros(k.shape, *like), _zeros(v.shape, *like)
 
-    if not _skippable(opts, qseg):
+    if not opts.mask.hides_pairs(qseg is not None):
         return run(None)
     return lax.cond(opts.mask.may_attend(qpos, kpos, qseg, kseg), run, empty, None)
