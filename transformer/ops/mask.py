@@ -83,8 +83,22 @@ class AttentionMask:
     def may_attend(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
         """Scalar bool, False only when `allowed` is False for every pair: a block of queries and a block of
         keys are judged by the ranges of their positions and segment ids, so a kernel can skip the block."""
-        q_lo, q_hi = q_positions_BQ.min(axis=-1), q_positions_BQ.max(axis=-1)
-        k_lo, k_hi = kv_positions_BK.min(axis=-1), kv_positions_BK.max(axis=-1)
+        return self._range_test(q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK, every=False)
+
+    def all_visible(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
+        """Scalar bool, True only when `allowed` is True for every pair (judged by ranges, like `may_attend`):
+        such a block needs no mask at all."""
+        return self._range_test(q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK, every=True)
+
+    def _range_test(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK, *, every: bool):
+        """Each rule as an inequality on the blocks' (low, high) bounds, which some pair passes when the
+        nearest bounds do; with the bounds swapped (high for low) the same inequalities hold only when every
+        pair passes."""
+        def bounds(x_BL):
+            low_B, high_B = x_BL.min(axis=-1), x_BL.max(axis=-1)
+            return (high_B, low_B) if every else (low_B, high_B)
+
+        (q_lo, q_hi), (k_lo, k_hi) = bounds(q_positions_BQ), bounds(kv_positions_BK)
         ok_B = q_lo == q_lo
         if self.causal:
             visible_B = k_lo <= q_hi
@@ -94,28 +108,9 @@ class AttentionMask:
         if self.sliding_window:
             ok_B = ok_B & (k_lo - q_hi < self.sliding_window) & (q_lo - k_hi < self.sliding_window)
         if q_segment_ids_BQ is not None:
-            ok_B = (ok_B & (kv_segment_ids_BK.min(axis=-1) <= q_segment_ids_BQ.max(axis=-1))
-                    & (q_segment_ids_BQ.min(axis=-1) <= kv_segment_ids_BK.max(axis=-1)))
-        return ok_B.any()
-
-    def all_visible(self, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None):
-        """Scalar bool, True only when `allowed` is True for every pair (judged by ranges, like `may_attend`):
-        such a block needs no mask at all."""
-        q_lo, q_hi = q_positions_BQ.min(axis=-1), q_positions_BQ.max(axis=-1)
-        k_lo, k_hi = kv_positions_BK.min(axis=-1), kv_positions_BK.max(axis=-1)
-        ok_B = q_lo == q_lo
-        if self.causal:
-            visible_B = k_hi <= q_lo
-            if self.prefix_length:
-                visible_B = visible_B | (k_hi < self.prefix_length)
-            ok_B = ok_B & visible_B
-        if self.sliding_window:
-            ok_B = ok_B & (q_hi - k_lo < self.sliding_window) & (k_hi - q_lo < self.sliding_window)
-        if q_segment_ids_BQ is not None:
-            segment = q_segment_ids_BQ.min(axis=-1)
-            ok_B = (ok_B & (q_segment_ids_BQ.max(axis=-1) == segment) & (kv_segment_ids_BK.min(axis=-1) == segment)
-                    & (kv_segment_ids_BK.max(axis=-1) == segment))
-        return ok_B.all()
+            (qs_lo, qs_hi), (ks_lo, ks_hi) = bounds(q_segment_ids_BQ), bounds(kv_segment_ids_BK)
+            ok_B = ok_B & (ks_lo <= qs_hi) & (qs_lo <= ks_hi)
+        return ok_B.all() if every else ok_B.any()
 
     def alibi_bias_BHQK(self, q_positions_BQ, kv_positions_BK):
         """float32 -slope_h * |dq|, or None without ALiBi."""
