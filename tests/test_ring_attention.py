@@ -1,5 +1,7 @@
 """Ring attention on 8 fake CPU devices against an independent float64 NumPy dense attention."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from transformer.ops import ring_attention as ra
 from transformer.ops.mask import AttentionMask
 
 CAUSAL = AttentionMask(causal=True)
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)  # tiny programs
 
 
 def dense_np(q, k, v, cot, qpos, kpos, qseg, kseg, mask):
@@ -31,7 +34,7 @@ def run_ring(mesh, q, k, v, cot, pos, kvpos, seg, mask, *, zigzag, kernel="auto"
     pos_z, kvpos_z = perm(pos), perm(kvpos)
     seg_z = None if seg is None else perm(seg)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def fwd_bwd(q, k, v, cot):
         def f(q, k, v):
             return ra.ring_attention_sharded(q, k, v, mask, mesh, q_positions_BQ=pos_z, kv_positions_BK=kvpos_z,
