@@ -122,7 +122,7 @@ def test_aot_reports_fsdp_sharded_state_and_memory():
     assert report.total_bytes == (report.argument_bytes + report.output_bytes - report.alias_bytes
                                   + report.temp_bytes)
     assert report.xla_flops_per_device > 0 and report.model_flops_per_step > 0
-    text = aot.format_report(report, "cpu", scanned=True)
+    text = aot.format_report(report, "cpu")
     assert "temporaries" in text and "fsdp=8" in text and "counted once" in text
 
 

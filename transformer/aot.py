@@ -11,6 +11,11 @@ accelerator's: sharding, parameter/optimizer state and remat are exact, fusion a
 dependent temporaries differ. `--platform tpu` compiles for a real TPU topology (jax's AOT
 topology API; no TPU attached needed, libtpu must be installed). Exit code 2 with one line when
 the config or mesh is invalid.
+
+FLOPs: XLA's cost analysis of the compiled step next to `flops_per_token`'s model FLOPs (the MFU
+numerator) and executed FLOPs. XLA counts a while loop's body once, so the report lists the loops
+(scanned layers, blockwise or ring attention, chunked loss, gradient accumulation) and other work
+(remat) that make its count differ; with none, it shows XLA's count over the executed FLOPs.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ class AotReport:
     temp_bytes: int
     code_bytes: int
     xla_flops_per_device: float | None
-    model_flops_per_step: float
+    model_flops_per_step: float  # 6N + attention (flops_per_token): the MFU numerator
+    executed_flops_per_step: float  # flops_per_token(executed=True): what the matmuls run
+    xla_flops_caveats: tuple[str, ...]  # why XLA's count differs from the executed FLOPs; () when comparable
 
     @property
     def total_bytes(self) -> int:
@@ -104,6 +111,44 @@ def compile_train_step(cfg: Config, mesh):
     return compiled, abstract
 
 
+def xla_flops(compiled) -> float | None:
+    """FLOPs of a compiled computation per device from XLA's cost analysis (None when it gives none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # one dict per device program in older jax
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def xla_flops_caveats(cfg: Config, mesh, platform: str) -> tuple[str, ...]:
+    """Why XLA's FLOP count of this train step differs from `flops_per_token(executed=True)`: loops whose
+    body XLA counts once, and work the formula leaves out. Empty when the two are comparable."""
+    from transformer.layers.attention import attention_mask
+    from transformer.loss import num_loss_chunks
+    from transformer.ops.attention import ring_size, select_kernel
+
+    model, accum = cfg.model, cfg.optim.grad_accum_steps
+    groups = model.num_layers // (model.moe.every_k_layers if model.moe.num_experts else 1)
+    chunks = num_loss_chunks(cfg.data.global_batch_size // accum, cfg.data.seq_len, cfg.loss_chunk_size) \
+        if cfg.loss_chunk_size else 1
+    ring = ring_size(mesh)
+    kernel = select_kernel(model.attention_kernel, attention_mask(model, causal=True), model.dtype,
+                           model.dim_per_head, platform=platform)
+    caveats = {
+        f"scanned layers: loop body counted once, not {groups} times (model.scan_layers=false unrolls it)":
+            model.scan_layers and groups > 1,
+        f"gradient accumulation: loop body counted once, not {accum} times": accum > 1,
+        f"chunked loss: loop body counted once, not {chunks} times": chunks > 1,
+        f"ring attention: loop body counted once, not {ring} times": ring > 1,
+        "blockwise attention: its block loops counted once, masked tiles skipped, scores recomputed backward":
+            ring == 1 and kernel == "blockwise",
+        "cuDNN attention: a custom call whose FLOPs XLA does not count": ring == 1 and kernel == "cudnn",
+        f"remat={model.remat!r} recomputes forward work in the backward pass": model.remat != "none",
+        "dropless MoE: on CPU ragged_dot computes every expert for every assignment":
+            model.moe.num_experts > 0 and model.moe.dropless and platform == "cpu",
+    }
+    return tuple(text for text, applies in caveats.items() if applies)
+
+
 def analyze(cfg: Config, mesh, compiled, abstract) -> AotReport:
     import jax
     from flax import nnx
@@ -114,17 +159,15 @@ def analyze(cfg: Config, mesh, compiled, abstract) -> AotReport:
     state_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.filter_state(abstract["model"], nnx.Param)))
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = float(cost["flops"]) if cost and "flops" in cost else None
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    per_step = lambda executed: flops_per_token(cfg.model, cfg.data.seq_len, executed=executed) * tokens
     return AotReport(
         devices=mesh.size, mesh=dict(mesh.shape), params=params, state_bytes_per_device=int(state_bytes),
         argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-        code_bytes=int(memory.generated_code_size_in_bytes), xla_flops_per_device=flops,
-        model_flops_per_step=float(flops_per_token(cfg.model, cfg.data.seq_len)) * tokens)
+        code_bytes=int(memory.generated_code_size_in_bytes), xla_flops_per_device=xla_flops(compiled),
+        model_flops_per_step=per_step(False), executed_flops_per_step=per_step(True),
+        xla_flops_caveats=xla_flops_caveats(cfg, mesh, mesh.devices.flat[0].platform))
 
 
 def run(cfg: Config, devices) -> AotReport:
@@ -146,7 +189,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
 
-def format_report(report: AotReport, platform: str, *, scanned: bool = False) -> str:
+def format_report(report: AotReport, platform: str) -> str:
     mesh = " x ".join(f"{axis}={size}" for axis, size in report.mesh.items() if size > 1) or "1 device"
     lines = [
         f"train step compiled for {report.devices} {platform} devices, mesh {mesh}",
@@ -159,14 +202,27 @@ def format_report(report: AotReport, platform: str, *, scanned: bool = False) ->
         f"  total:                  {_gib(report.total_bytes)} (arguments + outputs - donated + temporaries)",
         f"  generated code:         {report.code_bytes / 2**20:.1f} MiB",
     ]
-    if report.xla_flops_per_device is not None:
-        note = "; a scanned layer stack's loop body is counted once" if scanned else ""
-        lines.append(f"FLOPs per step per device: {report.xla_flops_per_device:.4g} (XLA cost_analysis{note})")
-    lines.append(f"model FLOPs per step:      {report.model_flops_per_step:.4g} total, "
-                 f"{report.model_flops_per_step / report.devices:.4g} per device (6N + attention)")
+    lines += _flops_lines(report)
     if platform == "cpu":
         lines.append("(CPU compile: an estimate of accelerator memory; temporaries depend on the target compiler)")
     return "\n".join(lines)
+
+
+def _flops_lines(report: AotReport) -> list[str]:
+    per_step = lambda flops: f"{flops:.4g} total, {flops / report.devices:.4g} per device"
+    lines = [f"model FLOPs per step:      {per_step(report.model_flops_per_step)} (6N + attention: MFU's numerator)",
+             f"executed FLOPs per step:   {per_step(report.executed_flops_per_step)} (the matmuls as run "
+             "with reference attention)"]
+    if report.xla_flops_per_device is None:
+        return lines
+    lines.append(f"XLA FLOPs per step:        {report.xla_flops_per_device:.4g} per device (XLA cost_analysis)")
+    if report.xla_flops_caveats:
+        lines += ["  not comparable with the executed FLOPs:",
+                  *(f"  - {caveat}" for caveat in report.xla_flops_caveats)]
+    else:
+        ratio = report.xla_flops_per_device * report.devices / report.executed_flops_per_step
+        lines.append(f"  XLA / executed: {ratio:.3f} (the excess is elementwise work: softmax, norms, optimizer)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**report.__dict__, "total_bytes": report.total_bytes}))
     else:
-        print(format_report(report, args.platform, scanned=cfg.model.scan_layers))
+        print(format_report(report, args.platform))
     return 0
 
 

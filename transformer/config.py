@@ -292,6 +292,9 @@ class Config:
     nan_guard: bool = True
     progress_bar: bool = True
     tensorboard: bool = True
+    synchronous: bool = False  # read each step's metrics before dispatching the next (the loop before async)
+    profile_steps: tuple[int, ...] = ()  # START,END: a jax.profiler trace of steps START+1..END in run_dir/profile
+    compilation_cache_dir: str = "jax_cache"  # JAX's persistent compilation cache; relative: under run_dir; "": none
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -304,6 +307,10 @@ class Config:
         _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
         _check(self.eval_batches >= 1, f"eval_batches={self.eval_batches} must be >= 1")
         _check(self.loss_chunk_size >= 0, f"loss_chunk_size={self.loss_chunk_size} must be >= 0")
+        if self.profile_steps:
+            _check(len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1] <= self.steps,
+                   f"profile_steps={','.join(map(str, self.profile_steps))} must be START,END with "
+                   f"0 <= START < END <= steps={self.steps}")
         m, d = self.model, self.data
         if m.position == "learned":
             _check(d.seq_len <= m.max_seq_len,

@@ -1,4 +1,5 @@
-"""Training metrics: JSONL (always) and TensorBoard logs, throughput, MFU and flattened MoE statistics.
+"""Training metrics: JSONL (always) and TensorBoard logs, throughput, MFU, flattened MoE statistics and the
+training loop's step-time breakdown (`StepTimes`).
 
     writer = MetricsWriter(run_dir, tensorboard=True, start_step=0)
     writer.write(step, {"loss": 2.3, "moe/expert_load_NE": load_NE})
@@ -10,8 +11,10 @@ resumed run appends to it after dropping the records of steps later than its res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,18 +24,25 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-# Dense bf16 peak FLOP/s per device (no sparsity), matched as substrings of device_kind.
+# Dense bf16 peak FLOP/s (no sparsity) per jax device, matched in order as substrings of device_kind. A TPU v4
+# or v5p chip (two TensorCores as one megacore) is one device, as is a v5e or v6e chip (one TensorCore);
+# a v2 or v3 chip is two devices, one per TensorCore.
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # also GH200
+    ("H100", 989e12),  # SXM
     ("A100", 312e12),
-    ("TPU v4", 275e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
     ("TPU v5p", 459e12),
     ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 61.5e12),
+    ("TPU v2", 22.5e12),
 )
 
 
@@ -153,3 +163,77 @@ def _drop_records_after(path: Path, step: int) -> None:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
+
+
+class StepTimes:
+    """Where a training loop's wall time goes, in seconds per step averaged over the steps read since the last
+    `report` (a window starts when the first dispatch returns, so a session's compilation is left out):
+
+    - `time/step`: wall time; `time/data`: fetching and placing batches; `time/wait`: blocked on a step's
+      results (the loop reads them one step behind, so it waits only while the device is the bottleneck);
+      `time/checkpoint`: the blocking part of saves; `time/eval`: held-out evaluation; `time/host`: the rest
+      (the loop itself, logging, dispatching).
+    - `time/host_fraction`: (data + host) / step, the share of a step the host spends on its own work.
+    - `time/device`: the device's time per step, from steps whose results were waited for and whose start is
+      known: right after the previous step's end (when that was waited for too) or at dispatch (when the
+      previous step had been read before it). Absent when the loop never waited: it is then host-bound.
+    """
+
+    PARTS = ("data", "wait", "checkpoint", "eval")
+    BLOCKED_S = 1e-4  # a wait this long means the step was still running when its results were asked for
+
+    def __init__(self):
+        self.start: float | None = None
+        self.last_read, self.last_blocked = -math.inf, False
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.steps, self.device = 0, []
+        self.parts = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        """Time the block as `name` (one of PARTS); it also shows as a span of that name in a profiler trace."""
+        started = time.perf_counter()
+        try:
+            with jax.profiler.TraceAnnotation(name):
+                yield
+        finally:
+            self.parts[name] += time.perf_counter() - started
+
+    def dispatched(self) -> float:
+        """Note that a step was just dispatched; returns the time, the earliest the device can start it."""
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = now
+        return now
+
+    def read(self, results, dispatched_at: float):
+        """`results` (a step's device arrays) on the host, after waiting for them; `dispatched_at` is the
+        step's `dispatched()` time."""
+        with self.part("wait"):
+            began = time.perf_counter()
+            jax.block_until_ready(results)
+            now = time.perf_counter()
+        blocked = now - began > self.BLOCKED_S
+        if blocked and (self.last_blocked or self.last_read <= dispatched_at):
+            self.device.append(now - max(self.last_read, dispatched_at))
+        self.last_read, self.last_blocked = now, blocked
+        self.steps += 1
+        return jax.device_get(results)
+
+    def report(self) -> dict[str, float]:
+        """The window's per-step means (empty when no step was read in it); starts the next window."""
+        now = time.perf_counter()
+        if self.start is None or not self.steps:
+            return {}
+        step = (now - self.start) / self.steps
+        means = {f"time/{name}": total / self.steps for name, total in self.parts.items()}
+        host = step - sum(means.values())
+        record = {"time/step": step, **means, "time/host": host,
+                  "time/host_fraction": (means["time/data"] + host) / step}
+        if self.device:
+            record["time/device"] = float(np.mean(self.device))
+        self.start = now
+        self._new_window()
+        return record

@@ -29,6 +29,7 @@ from transformer import sharding
 from transformer.config import ARCHITECTURES, REMAT_POLICIES, ConfigError, ModelConfig
 from transformer.layers.block import LayerGroup
 from transformer.layers.embed import Embed, check_tokens
+from transformer.layers.moe import expert_capacity
 from transformer.layers.norms import make_norm
 
 _POLICIES = {
@@ -240,42 +241,78 @@ def count_params(model: nnx.Module) -> int:
     return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool) -> int:
+def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool, experts: float) -> float:
+    """Matmul weights one token passes through in one layer; an MoE layer counts its router, `experts`
+    routed experts and the shared experts."""
     D, H, G, W = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     attention = 2 * D * H * W + 2 * D * G * W
     matrices = 3 if cfg.activation == "swiglu" else 2
     if moe:
         F = cfg.moe.d_ff_expert or cfg.ffn_dim
-        ffn = D * cfg.moe.num_experts + (cfg.moe.top_k + cfg.moe.num_shared_experts) * matrices * D * F
+        ffn = D * cfg.moe.num_experts + (experts + cfg.moe.num_shared_experts) * matrices * D * F
     else:
         ffn = matrices * D * cfg.ffn_dim
     return attention * (2 if cross else 1) + ffn
 
 
-def _stack_matmul_params(cfg: ModelConfig, num_layers: int, *, cross: bool) -> int:
-    k = cfg.moe.every_k_layers
-    return sum(_layer_matmul_params(cfg, moe=cfg.moe.num_experts > 0 and (i + 1) % k == 0, cross=cross)
-               for i in range(num_layers))
+def _moe_layers(cfg: ModelConfig, num_layers: int) -> int:
+    return num_layers // cfg.moe.every_k_layers if cfg.moe.num_experts else 0
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per (target) token, PaLM style: 6 * weights + 12 * layers * heads * head_dim * context.
+def _stack_matmul_params(cfg: ModelConfig, num_layers: int, *, cross: bool, experts: float) -> float:
+    moe_layers = _moe_layers(cfg, num_layers)
+    return ((num_layers - moe_layers) * _layer_matmul_params(cfg, moe=False, cross=cross, experts=0)
+            + moe_layers * _layer_matmul_params(cfg, moe=True, cross=cross, experts=experts))
 
-    `weights` counts the matmul weights one token passes through (MoE: router + top_k routed + shared
-    experts; plus the output projection, not the embedding lookup). `context` is seq_len, or the sliding
-    window when smaller (not halved for causal masks). Encoder-decoder counts the encoder over a
-    source of seq_len tokens and the decoder's cross-attention over it.
+
+def _moe_work(cfg: ModelConfig, seq_len: int, *, executed: bool) -> tuple[float, float]:
+    """(routed experts per token, one-hot dispatch + combine FLOPs per token) of one MoE layer.
+
+    Capacity dispatch computes E x C slots per row: E C / L experts per token, of which expert choice fills
+    all and token choice top_k (the rest are padding or drops). Its dispatch and combine einsums cost
+    2 E C D FLOPs per token each forward, and three more such matmuls backward (d tokens, d expert
+    outputs, d gates)."""
+    moe = cfg.moe
+    if moe.num_experts == 0 or (moe.dropless and moe.router != "expert_choice"):
+        return moe.top_k, 0.0
+    slots = moe.num_experts * expert_capacity(seq_len, moe.num_experts, moe.top_k, moe.capacity_factor)
+    experts = slots / seq_len if executed or moe.router == "expert_choice" else moe.top_k
+    return experts, (10 * slots * cfg.d_model if executed else 0.0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> float:
+    """Training (forward + backward) FLOPs per target token of seq_len-token rows: 6 x the matmul weights a
+    token passes through + 12 x heads x head width x the keys each query attends to, per attention layer.
+
+    Model FLOPs (default; the MFU numerator, PaLM style): MoE layers count the router, the top_k routed
+    experts (expert choice: its E C / L filled slots) and the shared experts. A query attends to seq_len
+    keys (causal masks are not halved), or to the sliding window when smaller (bidirectional: 2 window - 1
+    keys). The output projection counts, the embedding lookup does not. Encoder-decoder: an encoder over
+    seq_len source tokens and cross-attention from each target token to all of them.
+
+    executed=True: the matmul FLOPs the train step runs with the reference attention kernel, i.e. what XLA's
+    cost analysis counts besides elementwise work: every query meets every key whatever the mask; capacity
+    MoE runs all E C slots plus its one-hot dispatch and combine einsums (`_moe_work`); dropless MoE runs
+    top_k rows of a grouped matmul (on CPU, ragged_dot computes every expert densely instead). Remat
+    recomputation is not counted; the blockwise, cuDNN and ring kernels skip masked tiles and recompute the
+    scores (one more L x L matmul) in their backward.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
-    context = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
-    per_layer_attention = 12 * cfg.num_heads * cfg.dim_per_head
+    window = 0 if executed else cfg.sliding_window
+    causal = min(seq_len, window) if window else seq_len
+    bidirectional = min(seq_len, 2 * window - 1) if window else seq_len
+    experts, dispatch = _moe_work(cfg, seq_len, executed=executed)
+    per_key = 12 * cfg.num_heads * cfg.dim_per_head
     if cfg.architecture == "encoder_decoder":
-        weights = (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False)
-                   + _stack_matmul_params(cfg, cfg.num_layers, cross=True))
-        attention = per_layer_attention * (cfg.encoder_layers * context + cfg.num_layers * (context + seq_len))
+        weights = (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False, experts=experts)
+                   + _stack_matmul_params(cfg, cfg.num_layers, cross=True, experts=experts))
+        attention = per_key * (cfg.encoder_layers * bidirectional + cfg.num_layers * (causal + seq_len))
+        moe_layers = _moe_layers(cfg, cfg.encoder_layers) + _moe_layers(cfg, cfg.num_layers)
     else:
-        weights = _stack_matmul_params(cfg, cfg.num_layers, cross=False)
-        attention = per_layer_attention * cfg.num_layers * context
+        weights = _stack_matmul_params(cfg, cfg.num_layers, cross=False, experts=experts)
+        context = bidirectional if cfg.architecture == "encoder" else causal
+        attention = per_key * cfg.num_layers * context
+        moe_layers = _moe_layers(cfg, cfg.num_layers)
     weights += cfg.d_model * cfg.vocab_size
-    return float(6 * weights + attention)
+    return float(6 * weights + attention + moe_layers * dispatch)

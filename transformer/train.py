@@ -2,7 +2,8 @@
 
     python -m transformer.train [--preset NAME | --config FILE.py] [a.b=value ...]   # default preset: tiny
 
-One run lives in cfg.run_dir: config.json, checkpoints/, metrics.jsonl, tensorboard/.
+One run lives in cfg.run_dir: config.json, checkpoints/, metrics.jsonl, tensorboard/,
+jax_cache/ (compiled programs, so a restart skips compilation) and profile/ (profile_steps).
 A run resumes from its newest good checkpoint, else starts from checkpoint.init_from
 (params only), else from scratch. Batches are indexed by step, so a resumed run sees the
 same data as an uninterrupted one, and the same config gives a bitwise identical loss
@@ -19,6 +20,11 @@ the model's aux["aux_loss"] (MoE balancing). With optim.grad_accum_steps = M the
 split into M strided micro-batches (rows r, r + M, ...); token sums are accumulated so the
 cross-entropy equals the full-batch one, and aux losses are averaged over micro-batches.
 Each micro-batch forward updates the MoE router biases (router='sigmoid_bias').
+
+Loop: step N + 1 is dispatched before step N's metrics are read, so the device queue never
+runs dry while the host logs; the NaN guard, logging, eval and checkpoint decisions run one
+step behind, with the same results as reading every step at once (synchronous=true).
+metrics.jsonl gets the step-time breakdown of `metrics.StepTimes` at each log step.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import einops
 import jax
@@ -34,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from transformer import distributed, sharding
@@ -42,8 +50,11 @@ from transformer.config import Config, ConfigError, OptimConfig, config_from_arg
 from transformer.data import Dataset, make_dataset
 from transformer.data.placement import local_batch, place_batch
 from transformer.loss import loss_sums
-from transformer.metrics import MetricsWriter, mfu, tokens_per_second
+from transformer.metrics import MetricsWriter, StepTimes, mfu, tokens_per_second
 from transformer.model import build_model, flops_per_token
+
+
+PROFILE_DIR = "profile"
 
 
 class NonFiniteError(FloatingPointError):
@@ -184,6 +195,12 @@ def make_train_step(cfg: Config):
     return train_step
 
 
+def jit_train_step(cfg: Config, shardings):
+    """`make_train_step(cfg)` jitted with graphdef static, the state donated and the new state placed on
+    `shardings`."""
+    return jax.jit(make_train_step(cfg), static_argnums=0, donate_argnums=1, out_shardings=(shardings, None))
+
+
 def make_eval_step(cfg: Config):
     """`eval_step(graphdef, state, batch) -> (masked loss sums, MoE routing statistics)` (no state change)."""
 
@@ -212,36 +229,6 @@ def evaluate_held_out(eval_step, graphdef, state, data: Dataset, mesh, num_batch
     return {"eval_loss": ce / max(tokens, 1.0), **means}
 
 
-class Throughput:
-    """Tokens/s and MFU over the steps timed since the last `reset`. A session's first step (it includes
-    compilation) and time spent between `pause` and the next step (eval, checkpoints) are not counted."""
-
-    def __init__(self, tokens_per_step: int, flops_per_token: float):
-        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
-        self.device_kind, self.num_devices = jax.devices()[0].device_kind, jax.device_count()
-        self.last = None
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps, self.seconds = 0, 0.0
-
-    def step_done(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.steps, self.seconds = self.steps + 1, self.seconds + now - self.last
-        self.last = now
-
-    def pause(self) -> None:
-        self.last = time.perf_counter()
-
-    def report(self) -> dict[str, float]:
-        if not self.steps:
-            return {}
-        speed = tokens_per_second(self.steps * self.tokens_per_step, self.seconds)
-        utilisation = mfu(speed, self.flops_per_token, self.num_devices, self.device_kind)
-        return {"tokens_per_second": speed, **({"mfu": utilisation} if utilisation is not None else {})}
-
-
 def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
     if not metrics["finite"]:
         saved = ckpt.all_steps()
@@ -250,64 +237,206 @@ def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
                              f"last checkpoint: {saved[-1] if saved else 'none'})")
 
 
+def throughput(times: dict[str, float], tokens_per_step: int, flops_per_token: float) -> dict[str, float]:
+    """Tokens/s, and MFU where the device's peak is known, of the steps of a `StepTimes.report` (eval and
+    checkpoint time left out)."""
+    seconds = times["time/step"] - times["time/eval"] - times["time/checkpoint"]
+    speed = tokens_per_second(tokens_per_step, seconds)
+    utilisation = mfu(speed, flops_per_token, jax.device_count(), jax.devices()[0].device_kind)
+    return {"tokens_per_second": speed, **({"mfu": utilisation} if utilisation is not None else {})}
+
+
+_cache_dir_of_train: str | None = None  # the directory use_compilation_cache last gave JAX
+
+
+def use_compilation_cache(cfg: Config) -> str | None:
+    """Point JAX's persistent compilation cache at cfg.compilation_cache_dir (relative: under cfg.run_dir; "":
+    none), caching every program however small. A directory JAX was given otherwise (JAX_COMPILATION_CACHE_DIR,
+    jax.config) wins. Returns the directory in use, or None. JAX keys entries by the program and its compile
+    options, so a changed config compiles and stores a new entry instead of reusing one."""
+    global _cache_dir_of_train
+    current = jax.config.jax_compilation_cache_dir
+    if current and current != _cache_dir_of_train:
+        return current
+    wanted = None
+    if cfg.compilation_cache_dir:
+        wanted = str((Path(cfg.run_dir) / Path(cfg.compilation_cache_dir).expanduser()).absolute())
+    if wanted != current:
+        jax.config.update("jax_compilation_cache_dir", wanted)
+        compilation_cache.reset_cache()
+    if wanted:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    _cache_dir_of_train = wanted
+    return wanted
+
+
+class Profiler:
+    """A jax.profiler trace of steps START+1..END (cfg.profile_steps) under `log_dir`, for TensorBoard's profile
+    plugin (*.xplane.pb) or Perfetto (*.trace.json.gz). The device is drained before the trace starts and after
+    step END, so the trace holds those steps whole; each dispatch is a "train" step annotation."""
+
+    def __init__(self, steps: tuple[int, ...], log_dir: Path):
+        self.first, self.last = steps or (0, 0)
+        self.log_dir, self.active = log_dir, False
+
+    def before_dispatch(self, step: int, state) -> None:
+        """Call before dispatching step `step` + 1."""
+        if not self.active and self.first <= step < self.last:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+            self.active = True
+
+    def after_dispatch(self, step: int, state) -> None:
+        """Call after dispatching step `step`."""
+        if self.active and step >= self.last:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+class Pending(NamedTuple):
+    """A dispatched step whose metrics have not been read."""
+
+    step: int
+    metrics: dict
+    dispatched_at: float
+
+
+class Loop:
+    """The steps of one session. Step N + 1 is dispatched before step N's metrics are read, so the host prepares
+    the next step while the device runs this one. Metrics are read (NaN guard, logging) one step behind, except
+    for a step whose state is needed (eval, checkpoint, the last step, a stop request; every step with
+    cfg.synchronous): it is read, evaluated and saved before the next dispatch donates its state."""
+
+    def __init__(self, cfg: Config, graphdef, shardings, data: Dataset, mesh, ckpt: Checkpointer, *, origin: str,
+                 step: int, started: float):
+        self.cfg, self.graphdef, self.data, self.mesh, self.ckpt = cfg, graphdef, data, mesh, ckpt
+        self.started = started
+        self.train_step = jit_train_step(cfg, shardings)
+        self.eval_step = jax.jit(make_eval_step(cfg), static_argnums=0)
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.times = StepTimes()
+        process = f"process{jax.process_index()}" if jax.process_count() > 1 else ""
+        self.profiler = Profiler(cfg.profile_steps, Path(cfg.run_dir) / PROFILE_DIR / process)
+        self.writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.tensorboard, start_step=step)
+        self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({origin})", dynamic_ncols=True,
+                        disable=not cfg.progress_bar or jax.process_index() != 0)
+        self.summary = {"origin": origin, "start_step": step, "losses": [], "eval_loss": None, "preempted": False}
+        self.shown: dict = {}  # throughput and host fraction of the last log, for the progress bar
+        self.unlogged: dict = {}  # the time to the session's first step, until a record carries it
+
+    def run(self, state, step: int):
+        """Train from `state` (after `step` steps) to cfg.steps or a stop request; returns (state, step)."""
+        pending = None
+        with PreemptionGuard() as guard:
+            while True:
+                batch = self.fetch(step) if step < self.cfg.steps else None  # overlaps the step in flight
+                stop = guard.should_stop()
+                if pending is not None and (stop or batch is None or self.cfg.synchronous
+                                            or self.state_due(pending.step)):
+                    self.finish(pending, state, force_save=stop or batch is None)
+                    pending = None
+                if stop or batch is None:
+                    self.summary["preempted"] = stop
+                    return state, step
+                self.profiler.before_dispatch(step, state)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    state, device_metrics = self.train_step(self.graphdef, state, batch)
+                step += 1
+                dispatched = Pending(step, device_metrics, self.times.dispatched())
+                self.profiler.after_dispatch(step, state)
+                if pending is not None:
+                    self.finish(pending)
+                pending = dispatched
+
+    def fetch(self, step: int) -> dict:
+        with self.times.part("data"):
+            return place_batch(local_batch(self.data, step, self.mesh), self.mesh)
+
+    def eval_due(self, step: int) -> bool:
+        return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == self.cfg.steps)
+
+    def state_due(self, step: int) -> bool:
+        return self.eval_due(step) or self.ckpt.should_save(step)
+
+    def finish(self, pending: Pending, state=None, *, force_save: bool = False) -> None:
+        """Read, check and log the metrics of `pending`; given `state` (the state after that step), also run the
+        eval and save the checkpoint due at it."""
+        cfg, step = self.cfg, pending.step
+        metrics = self.times.read(pending.metrics, pending.dispatched_at)
+        if cfg.nan_guard:
+            check_finite(metrics, step, self.ckpt)
+        self.summary["losses"].append(float(metrics["loss"]))
+        if "first_step_seconds" not in self.summary:
+            self.summary["first_step_seconds"] = time.perf_counter() - self.started
+            self.unlogged = {"time/first_step": self.summary["first_step_seconds"]}
+        record = {k: v for k, v in metrics.items() if k != "finite"}
+        if state is not None and self.eval_due(step):
+            with self.times.part("eval"):
+                record |= evaluate_held_out(self.eval_step, self.graphdef, state, self.data, self.mesh,
+                                            cfg.eval_batches)
+            self.summary["eval_loss"] = record["eval_loss"]
+            record["eval_perplexity"] = math.exp(min(record["eval_loss"], 700.0))
+        if step % cfg.log_every == 0 or step == cfg.steps or "eval_loss" in record:
+            self.log(step, record)
+        self.bar.update(1)
+        self.bar.set_postfix(_postfix(record | self.shown), refresh=False)
+        if state is not None:
+            with self.times.part("checkpoint"):
+                self.ckpt.maybe_save(step, state, force=force_save)
+
+    def log(self, step: int, record: dict) -> None:
+        """Write `record` with the step-time breakdown and throughput since the last log (and, in a session's first
+        record, the time to its first step)."""
+        times = self.times.report()
+        speed = throughput(times, self.tokens_per_step, self.flops_per_token)
+        self.writer.write(step, record | times | speed | self.unlogged)
+        self.unlogged = {}
+        self.summary |= speed
+        self.shown = speed | {"time/host_fraction": times["time/host_fraction"]}
+
+    def close(self) -> None:
+        self.profiler.stop()
+        self.bar.close()
+        self.writer.close()
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) the run of `cfg` in cfg.run_dir up to cfg.steps. Returns a summary: this session's
-    per-step `losses`, final `step`, `origin` of the state, last `eval_loss`, `tokens_per_second`, `mfu`
-    and `preempted` (stopped by SIGTERM/SIGINT after saving)."""
+    per-step `losses`, final `step`, `origin` of the state, last `eval_loss`, `tokens_per_second`, `mfu`,
+    `first_step_seconds` (from this call to the first step's results, compilation included), the
+    `compilation_cache_dir` in use and `preempted` (stopped by SIGTERM/SIGINT after saving)."""
+    started = time.perf_counter()
     cfg = cfg.validate()
     if cfg.model.architecture != "decoder":
         raise ConfigError(f"model.architecture={cfg.model.architecture!r}: transformer.train trains next-token "
                           "language models on Dataset batches; use model.architecture='decoder'")
     distributed.initialize()
+    cache_dir = use_compilation_cache(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.validate_for_mesh(cfg, mesh)
     data = make_dataset(cfg.data, "train")
-    throughput = Throughput(cfg.data.global_batch_size * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len))
 
     with sharding.use_mesh(mesh):
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)
         ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, config=cfg)
-        state, step, origin = load_or_init(cfg, graphdef, abstract, shardings, ckpt)
-        train_step = jax.jit(make_train_step(cfg), static_argnums=0, donate_argnums=1, out_shardings=(shardings, None))
-        eval_step = jax.jit(make_eval_step(cfg), static_argnums=0)
-        writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.tensorboard, start_step=step)
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({origin})", dynamic_ncols=True,
-                   disable=not cfg.progress_bar or jax.process_index() != 0)
-        summary = {"origin": origin, "start_step": step, "losses": [], "eval_loss": None, "preempted": False}
         try:
-            with PreemptionGuard() as guard:
-                batch = local_batch(data, step, mesh) if step < cfg.steps else None
-                while step < cfg.steps:
-                    state, device_metrics = train_step(graphdef, state, place_batch(batch, mesh))
-                    step += 1
-                    batch = local_batch(data, step, mesh) if step < cfg.steps else None  # overlaps the step
-                    metrics = jax.device_get(device_metrics)
-                    if cfg.nan_guard:
-                        check_finite(metrics, step, ckpt)
-                    throughput.step_done()
-                    summary["losses"].append(float(metrics["loss"]))
-                    record = {k: v for k, v in metrics.items() if k != "finite"} | throughput.report()
-                    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                        record |= evaluate_held_out(eval_step, graphdef, state, data, mesh, cfg.eval_batches)
-                        summary["eval_loss"] = record["eval_loss"]
-                        record["eval_perplexity"] = math.exp(min(summary["eval_loss"], 700.0))
-                    if step % cfg.log_every == 0 or step == cfg.steps or "eval_loss" in record:
-                        writer.write(step, record)
-                        summary |= throughput.report()
-                        throughput.reset()
-                    bar.update(1)
-                    bar.set_postfix(_postfix(record), refresh=False)
-                    ckpt.maybe_save(step, state)
-                    if guard.should_stop():
-                        summary["preempted"] = True
-                        break
-                    throughput.pause()
+            state, step, origin = load_or_init(cfg, graphdef, abstract, shardings, ckpt)
+            loop = Loop(cfg, graphdef, shardings, data, mesh, ckpt, origin=origin, step=step, started=started)
+            try:
+                state, step = loop.run(state, step)
+            finally:
+                loop.close()
             ckpt.maybe_save(step, state, force=True)
         finally:
-            bar.close()
-            writer.close()
             ckpt.close()
-    summary["step"] = step
+    summary = loop.summary | {"step": step, "compilation_cache_dir": cache_dir}
     summary["loss"] = summary["losses"][-1] if summary["losses"] else None
     return summary
 
@@ -318,6 +447,8 @@ def _postfix(record: dict) -> dict[str, str]:
         shown["tok/s"] = f"{record['tokens_per_second']:.0f}"
     if "mfu" in record:
         shown["mfu"] = f"{100 * record['mfu']:.1f}%"
+    if "time/host_fraction" in record:
+        shown["host"] = f"{100 * record['time/host_fraction']:.0f}%"
     if "eval_loss" in record:
         shown["eval"] = f"{record['eval_loss']:.4f}"
     return shown
@@ -340,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = [f"step {summary['step']}", f"loss {summary['loss']}" if summary["loss"] is not None else "",
                  f"eval_loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "",
                  f"tokens/s {summary['tokens_per_second']:.0f}" if "tokens_per_second" in summary else "",
+                 f"first step {summary['first_step_seconds']:.1f} s" if "first_step_seconds" in summary else "",
                  "preempted: saved and stopped" if summary["preempted"] else ""]
         print(" | ".join(p for p in parts if p))
     return 0
