@@ -37,12 +37,6 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # ---------------------------------------------------------------- kernel choice
 
 
-def check_kernel_name(implementation: str) -> None:
-    if implementation not in KERNELS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose one of {', '.join(map(repr, KERNELS))}")
-
-
 def ring_size(mesh) -> int:
     """Devices on the `sequence` axis of a mesh (1 without one): above 1, attention runs as a ring."""
     return 1 if mesh is None else dict(mesh.shape).get(SEQUENCE, 1)
@@ -85,7 +79,9 @@ def select_kernel(implementation: str, mask: AttentionMask, dtype, head_width: i
     for batches whose layout is not ok. An explicit "cudnn" raises a ValueError naming the problem (outside
     a ring it needs a layout known to be ok).
     """
-    check_kernel_name(implementation)
+    if implementation not in KERNELS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose one of {', '.join(map(repr, KERNELS))}")
     if implementation in ("reference", "blockwise"):
         return implementation
     problem = cudnn_problem(mask, dtype, head_width, platform=platform)
@@ -442,7 +438,6 @@ def attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=Non
     runs cuDNN on GPU when the mask allows it and, for batches with explicit positions / segment ids,
     only for those whose layout `cudnn_layout_ok` accepts (decided at run time), else blockwise.
     """
-    check_kernel_name(implementation)
     check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK,
                  scale=scale, block_size=block_size)
     B, Q, H, W = q_BQHW.shape

@@ -8,6 +8,7 @@ and the ring kernel (`ring_length_problem`, `num_parts`) all use this one module
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from transformer.ops.mask import AttentionMask
@@ -57,10 +58,7 @@ def zigzag_inverse(seq_len: int, ring_size: int) -> np.ndarray:
 
 
 def _take(x, indices, axis):
-    if isinstance(x, np.ndarray):
-        return np.take(x, indices, axis=axis)
-    import jax.numpy as jnp
-    return jnp.take(x, indices, axis=axis)
+    return np.take(x, indices, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, indices, axis=axis)
 
 
 def to_zigzag(x, ring_size: int, axis: int = 1):

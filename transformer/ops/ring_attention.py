@@ -109,7 +109,6 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
     if mesh is None or SEQUENCE not in mesh.axis_names:
         raise ValueError(f"ring attention needs a mesh with a {SEQUENCE!r} axis; got "
                          f"{None if mesh is None else mesh.axis_names}")
-    attention_ops.check_kernel_name(implementation)
     B, Lq, H, W = q_BQHW.shape
     Lk = k_BKGW.shape[1]
     arange = lambda given, length: attention_ops.arange_positions(given, B, length)
