@@ -27,6 +27,7 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.config import ARCHITECTURES, REMAT_POLICIES, ConfigError, ModelConfig
+from transformer.inference.cache import KV, KVCache, plan_write
 from transformer.layers.block import LayerGroup
 from transformer.layers.embed import Embed, check_tokens
 from transformer.layers.moe import expert_capacity
@@ -71,6 +72,7 @@ class LayerStack(nnx.Module):
         num_groups, leftover = divmod(num_layers, size)
         self.scan = cfg.scan_layers
         self.remat = cfg.remat
+        self.group_size = size
 
         def make(group_size, moe_last, group_rngs):
             return LayerGroup(cfg, size=group_size, moe_last=moe_last, num_layers=num_layers, causal=causal,
@@ -118,6 +120,33 @@ class LayerStack(nnx.Module):
         return x_BLD, stats
 
 
+    def extend(self, x_BLD: jax.Array, kv, cross, write, **kwargs):
+        """Every block's `extend` in order, carrying the stacked caches (kv, cross; see inference.cache), which
+        the scan updates in place: (x_BLD, kv, cross)."""
+        if self.groups is not None and self.scan:
+            graphdef, state = nnx.split(self.groups)
+            size = self.group_size
+
+            def body(carry, layer):
+                x_BLD, kv, cross = carry
+                group_state, index = layer
+                return nnx.merge(graphdef, group_state).extend(x_BLD, kv, cross, index * size, write, **kwargs), None
+
+            num_groups = jax.tree.leaves(state)[0].shape[0]
+            (x_BLD, kv, cross), _ = jax.lax.scan(body, (x_BLD, kv, cross), (state, jnp.arange(num_groups)))
+            done = num_groups * size
+        elif self.groups is not None:
+            done = 0
+            for group in self.groups:
+                x_BLD, kv, cross = group.extend(x_BLD, kv, cross, done, write, **kwargs)
+                done += len(group.blocks)
+        else:
+            done = 0
+        if self.leftover is not None:
+            x_BLD, kv, cross = self.leftover.extend(x_BLD, kv, cross, done, write, **kwargs)
+        return x_BLD, kv, cross
+
+
 def moe_aux(stats: dict, prefix: str = "moe/") -> dict:
     """Model aux dict from stacked MoE stats: "aux_loss" (summed over layers) plus prefixed stats."""
     aux = {"aux_loss": jnp.sum(stats["aux_loss"]).astype(jnp.float32) if stats else jnp.zeros((), jnp.float32)}
@@ -162,6 +191,16 @@ class _SingleStackLM(nnx.Module):
     def logits(self, hidden_BLD: jax.Array) -> jax.Array:
         """Output projection of final hidden states -> float32 logits (used by the chunked loss)."""
         return self.embed.logits(hidden_BLD)
+
+    def extend(self, tokens_BL: jax.Array, cache: KVCache, *, valid_BL: jax.Array | None = None,
+               fresh: bool = False) -> tuple[jax.Array, KVCache]:
+        """(hidden_BLD after the final norm, cache): the next L tokens of each row (right-padded where
+        valid_BL is False) run against the KV cache and are written into it. Their positions continue each
+        row's cache.lengths_B. fresh=True: the cache is empty (a prompt's first chunk). See inference.cache."""
+        if not self.causal:
+            raise ConfigError("model.architecture='encoder' is bidirectional: it has no causal decoder to "
+                              "decode with; use a 'decoder' or 'encoder_decoder' model")
+        return _extend(self, self.layers, self.final_norm, tokens_BL, cache, valid_BL, fresh)
 
 
 class DecoderLM(_SingleStackLM):
@@ -223,6 +262,40 @@ class EncoderDecoderLM(nnx.Module):
 
     def logits(self, hidden_BLD: jax.Array) -> jax.Array:
         return self.embed.logits(hidden_BLD)
+
+    def extend(self, tokens_BL: jax.Array, cache: KVCache, *, valid_BL: jax.Array | None = None,
+               fresh: bool = False, src_BS: jax.Array | None = None,
+               src_valid_BS: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """`DecoderLM.extend` for the decoder. With fresh=True the source src_BS (right-padded where src_valid_BS
+        is False) is encoded once and every layer's cross-attention keys/values are stored in the cache."""
+        context_BSD = None
+        if fresh:
+            if src_BS is None:
+                raise ValueError("the first extend of an encoder-decoder needs src_BS, the source to encode")
+            src_valid_BS = jnp.ones(src_BS.shape, bool) if src_valid_BS is None else src_valid_BS
+            context_BSD, _ = self.encode(src_BS, src_segment_ids_BS=src_valid_BS.astype(jnp.int32))
+            cache = cache._replace(source_valid_BS=src_valid_BS)
+        return _extend(self, self.decoder, self.decoder_norm, tokens_BL, cache, valid_BL, fresh,
+                       context_BSD=context_BSD, source_valid_BS=cache.source_valid_BS)
+
+
+def _extend(model, stack: LayerStack, final_norm, tokens_BL, cache: KVCache, valid_BL, fresh: bool, **cross):
+    check_tokens("tokens_BL", tokens_BL)
+    valid_BL = jnp.ones(tokens_BL.shape, bool) if valid_BL is None else valid_BL
+    _check_like("valid_BL", valid_BL, tokens_BL.shape)
+    write = plan_write(cache, valid_BL)
+    x_BLD = model.embed(tokens_BL, write.positions_BL)
+    crossed = cache.cross_k_NBSGW is not None
+    x_BLD, kv, cross_kv = stack.extend(x_BLD, KV(cache.k_NBKGW, cache.v_NBKGW),
+                                       KV(cache.cross_k_NBSGW, cache.cross_v_NBSGW) if crossed else None, write,
+                                       fresh=fresh, **cross)
+    if final_norm is not None:
+        x_BLD = final_norm(x_BLD)
+    cache = cache._replace(k_NBKGW=kv.k, v_NBKGW=kv.v, positions_BK=write.cache_positions_BK,
+                           lengths_B=write.lengths_B)
+    if crossed:
+        cache = cache._replace(cross_k_NBSGW=cross_kv.k, cross_v_NBSGW=cross_kv.v)
+    return x_BLD, cache
 
 
 _MODELS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", (DATA, FSDP, EXPERT)),
     ("length", (SEQUENCE,)),
     ("kv_length", ()),
+    ("cache_length", (SEQUENCE,)),  # KV-cache slots: a long context split over devices
     ("vocab", (TENSOR,)),
     ("heads", (TENSOR,)),
     ("kv_heads", (TENSOR,)),

@@ -18,6 +18,8 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.config import ModelConfig
+from transformer.inference.cache import KV, rotated_in_cache
+from transformer.inference.decode_attention import cached_attention, write_slots
 from transformer.ops import attention as attention_ops
 from transformer.ops import positions as pos_ops
 from transformer.ops.mask import AttentionMask
@@ -34,6 +36,15 @@ def rope_tables(cfg: ModelConfig, seq_len: int):
         original_max_len=cfg.max_seq_len, seq_len=seq_len, beta_fast=cfg.yarn_beta_fast,
         beta_slow=cfg.yarn_beta_slow, low_freq_factor=cfg.llama3_low_freq_factor,
         high_freq_factor=cfg.llama3_high_freq_factor)
+
+
+def rope_frequencies(cfg: ModelConfig, lengths_B: jax.Array):
+    """(inv_freq, mscale) for rows whose current lengths are lengths_B: (J,) frequencies, or (B, J) for
+    dynamic NTK, whose frequencies grow with each row's length."""
+    if cfg.rope_scaling == "dynamic_ntk":
+        return pos_ops.dynamic_ntk_inv_freq_BJ(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling_factor,
+                                               cfg.max_seq_len, lengths_B), 1.0
+    return rope_tables(cfg, int(cfg.max_seq_len))
 
 
 def attention_mask(cfg: ModelConfig, *, causal: bool, cross: bool = False) -> AttentionMask:
@@ -92,29 +103,85 @@ class Attention(nnx.Module):
         if self.cross != (context_BSD is not None):
             raise ValueError("cross-attention needs context_BSD (the encoder output) and self-attention must not "
                              f"get one; this layer has cross={self.cross}")
-        w = lambda p: p[...].astype(self.dtype)
         x_BLD = x_BLD.astype(self.dtype)
-        source_BSD = x_BLD if context_BSD is None else context_BSD.astype(self.dtype)
-        q_BLHW = sharding.constrain(jnp.einsum("BLD,DHW->BLHW", x_BLD, w(self.q_DHW)), _Q_AXES)
-        k_BSGW = sharding.constrain(jnp.einsum("BSD,DGW->BSGW", source_BSD, w(self.k_DGW)), _KV_AXES)
-        v_BSGW = sharding.constrain(jnp.einsum("BSD,DGW->BSGW", source_BSD, w(self.v_DGW)), _KV_AXES)
+        q_BLHW = self._queries(x_BLD)
+        k_BSGW, v_BSGW = self._keys_values(x_BLD if context_BSD is None else context_BSD)
 
         if self.cross:
-            q_seg_BL, kv_seg_BS = _cross_segments(segment_ids_BL, context_segment_ids_BS, B, L, source_BSD.shape[1])
+            q_seg_BL, kv_seg_BS = _cross_segments(segment_ids_BL, context_segment_ids_BS, B, L, k_BSGW.shape[1])
             tokens = dict(q_segment_ids_BQ=q_seg_BL, kv_segment_ids_BK=kv_seg_BS)
         else:
             if positions_BL is not None and tuple(positions_BL.shape) != (B, L):
                 raise ValueError(f"positions_BL has shape {tuple(positions_BL.shape)}; expected (B, L) = {(B, L)}")
             if cfg.position == "rope":
-                inv_freq, mscale = rope_tables(cfg, L)
+                inv_freq, mscale = rope_frequencies(cfg, jnp.full((B,), L, jnp.int32))
                 rope_pos_BL = attention_ops.arange_positions(positions_BL, B, L)
                 q_BLHW = pos_ops.apply_rope(q_BLHW, rope_pos_BL, inv_freq, mscale)
                 k_BSGW = pos_ops.apply_rope(k_BSGW, rope_pos_BL, inv_freq, mscale)
             tokens = dict(q_positions_BQ=positions_BL, kv_positions_BK=positions_BL, q_segment_ids_BQ=segment_ids_BL,
                           kv_segment_ids_BK=segment_ids_BL)
-        out_BLHW = sharding.constrain(attend(q_BLHW, k_BSGW, v_BSGW, self.mask, cfg, **tokens), _Q_AXES)
-        y_BLD = jnp.einsum("BLHW,HWD->BLD", out_BLHW.astype(self.dtype), w(self.o_HWD))
+        return self._output(attend(q_BLHW, k_BSGW, v_BSGW, self.mask, cfg, **tokens))
+
+    def _weight(self, param):
+        return param[...].astype(self.dtype)
+
+    def _queries(self, x_BLD):
+        return sharding.constrain(jnp.einsum("BLD,DHW->BLHW", x_BLD.astype(self.dtype), self._weight(self.q_DHW)),
+                                  _Q_AXES)
+
+    def _keys_values(self, source_BSD):
+        source_BSD = source_BSD.astype(self.dtype)
+        return tuple(sharding.constrain(jnp.einsum("BSD,DGW->BSGW", source_BSD, self._weight(w)), _KV_AXES)
+                     for w in (self.k_DGW, self.v_DGW))
+
+    def _output(self, out_BLHW):
+        out_BLHW = sharding.constrain(out_BLHW, _Q_AXES)
+        y_BLD = jnp.einsum("BLHW,HWD->BLD", out_BLHW.astype(self.dtype), self._weight(self.o_HWD))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
+
+    def extend(self, x_BLD: jax.Array, kv, layer, write, *, fresh: bool):
+        """Self-attention of L new tokens with the KV cache: (y_BLD, kv with this layer's new keys written).
+
+        kv: the stacked (k_NBKGW, v_NBKGW) cache; layer: this layer's index in it; write: the call's
+        `inference.cache.Write`. fresh=True (the first chunk of a prompt, empty cache) attends the new tokens
+        to each other with the training kernels (ring attention on a `sequence` mesh); otherwise the tokens
+        are written first and their queries read the whole cache with the decode kernel."""
+        cfg = self.cfg
+        q_BLHW = self._queries(x_BLD)
+        k_BLGW, v_BLGW = self._keys_values(x_BLD)
+        stored_k_BLGW, rope = k_BLGW, None
+        if cfg.position == "rope":
+            rope = rope_frequencies(cfg, write.lengths_B)
+            q_BLHW = pos_ops.apply_rope(q_BLHW, write.positions_BL, *rope)
+            k_BLGW = pos_ops.apply_rope(k_BLGW, write.positions_BL, *rope)
+            stored_k_BLGW = k_BLGW if rotated_in_cache(cfg) else stored_k_BLGW
+        kv = KV(write_slots(kv.k, stored_k_BLGW, write.slots_BL, layer=layer),
+                write_slots(kv.v, v_BLGW, write.slots_BL, layer=layer))
+        if fresh:
+            out_BLHW = attend(q_BLHW, k_BLGW, v_BLGW, self.mask, cfg, q_positions_BQ=write.positions_BL,
+                              kv_positions_BK=write.key_positions_BL)
+        else:
+            unrotated = cfg.position == "rope" and not rotated_in_cache(cfg)
+            out_BLHW = cached_attention(q_BLHW, kv.k, kv.v, layer, self.mask, q_positions_BQ=write.positions_BL,
+                                        cache_positions_BK=write.cache_positions_BK,
+                                        scale=1.0 / math.sqrt(cfg.dim_per_head), block_size=cfg.attention_block_size,
+                                        rope=rope if unrotated else None)
+        return self._output(out_BLHW), kv
+
+    def extend_cross(self, x_BLD: jax.Array, cross, layer, source_valid_BS: jax.Array, context_BSD=None):
+        """Cross-attention of new decoder tokens to the cached encoder keys/values: (y_BLD, cross). With
+        context_BSD (the first call) this layer's keys/values are computed from it and stored at `layer`."""
+        if context_BSD is not None:
+            k_BSGW, v_BSGW = self._keys_values(context_BSD)
+            cross = KV(cross.k.at[layer].set(k_BSGW.astype(cross.k.dtype)),
+                       cross.v.at[layer].set(v_BSGW.astype(cross.v.dtype)))
+        k_BSGW, v_BSGW = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in cross)
+        B, L = x_BLD.shape[:2]
+        out_BLHW = attention_ops.attention(
+            self._queries(x_BLD), k_BSGW, v_BSGW, self.mask, q_segment_ids_BQ=jnp.ones((B, L), jnp.int32),
+            kv_segment_ids_BK=source_valid_BS.astype(jnp.int32), scale=1.0 / math.sqrt(self.cfg.dim_per_head),
+            implementation=self.cfg.attention_kernel, block_size=self.cfg.attention_block_size)
+        return self._output(out_BLHW), cross
 
 
 def _cross_segments(q_seg_BL, kv_seg_BS, B: int, L: int, S: int):

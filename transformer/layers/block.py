@@ -63,6 +63,28 @@ class Block(nnx.Module):
         return sharding.constrain(x_BLD, _ACT), aux
 
 
+    def extend(self, x_BLD: jax.Array, kv, cross, layer, write, *, fresh: bool, source_valid_BS=None,
+               context_BSD=None):
+        """The block over L new tokens with the KV cache (`Attention.extend`): (x_BLD, kv, cross). MoE layers
+        route every token with no capacity drops."""
+        x_BLD, kv = self._cached(self.attn_norm, lambda h: self.attn.extend(h, kv, layer, write, fresh=fresh), x_BLD)
+        if self.cross_attn is not None:
+            x_BLD, cross = self._cached(self.cross_norm, lambda h: self.cross_attn.extend_cross(
+                h, cross, layer, source_valid_BS, context_BSD), x_BLD)
+        ffn = (lambda h: self.ffn(h, no_drops=True)[0]) if self.moe else self.ffn
+        return self._residual(self.ffn_norm, ffn, x_BLD), kv, cross
+
+    def _cached(self, norm, f, x_BLD):
+        """`_residual` for an f that also returns a cache."""
+        out = {}
+
+        def g(h_BLD):
+            y_BLD, out["cache"] = f(h_BLD)
+            return y_BLD
+
+        return self._residual(norm, g, x_BLD), out["cache"]
+
+
 class LayerGroup(nnx.Module):
     """`size` consecutive blocks; with `moe_last` the last block's FFN is the MoE, so every scanned
     group is identical. Returns (x_BLD, aux of that MoE block or {})."""
@@ -79,3 +101,9 @@ class LayerGroup(nnx.Module):
             x_BLD, block_aux = block(x_BLD, **kwargs)
             aux.update(block_aux)
         return x_BLD, aux
+
+    def extend(self, x_BLD: jax.Array, kv, cross, first_layer, write, **kwargs):
+        """`Block.extend` of each block; block i is layer first_layer + i of the stacked caches."""
+        for i, block in enumerate(self.blocks):
+            x_BLD, kv, cross = block.extend(x_BLD, kv, cross, first_layer + i, write, **kwargs)
+        return x_BLD, kv, cross

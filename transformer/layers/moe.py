@@ -187,11 +187,13 @@ class MoE(nnx.Module):
         self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,)) \
             if moe.router == "sigmoid_bias" else None
 
-    def __call__(self, x_BLD: jax.Array, *, update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BLD: jax.Array, *, update_router_bias: bool = False,
+                 no_drops: bool = False) -> tuple[jax.Array, dict]:
         """y_BLD (routed + shared experts, no residual) and aux (weighted "aux_loss", unweighted losses, stats).
 
         update_router_bias=True (training, router='sigmoid_bias' only; ignored otherwise) moves the
-        RouterBias in place: bias += bias_update_rate * sign(mean load - load).
+        RouterBias in place: bias += bias_update_rate * sign(mean load - load). no_drops=True (decoding)
+        computes every routed token like moe.dropless, whatever the capacity.
         """
         if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
             raise ValueError(f"MoE expects x_BLD of shape (batch, length, {self.d_model}), got {x_BLD.shape}")
@@ -215,7 +217,7 @@ class MoE(nnx.Module):
             bias_E = self.router_bias[...] if self.router_bias is not None else None
             probs_BLE, idx_BLX, gate_BLX = route(logits_BLE, moe.router, moe.top_k, bias_E)
             assigned_BLE = jnp.sum(jax.nn.one_hot(idx_BLX, E, dtype=jnp.float32), axis=2)
-            if moe.dropless:
+            if moe.dropless or no_drops:
                 y_BLD = self._dropless_experts(x_BLD, idx_BLX, gate_BLX)
                 dropped = dropped_tokens = jnp.zeros((), jnp.float32)
             else:

@@ -146,10 +146,22 @@ def _row_stats(max_BGRQ, sum_BGRQ):
     return safe_sum, lse
 
 
+def merge_partials(a, b):
+    """Combine two normalised partial results (out_BQHW f32, lse_BHQ) of disjoint key sets."""
+    out_a, lse_a = a
+    out_b, lse_b = b
+    lse = jnp.logaddexp(lse_a, lse_b)
+    ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    weight_a = jnp.swapaxes(jnp.exp(lse_a - ref), 1, 2)[..., None]
+    weight_b = jnp.swapaxes(jnp.exp(lse_b - ref), 1, 2)[..., None]
+    return out_a * weight_a + out_b * weight_b, lse
+
+
 # ---------------------------------------------------------------- reference
 
 
-def _reference(mask, scale, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK):
+def reference_kernel(mask, scale, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK):
+    """Einsum attention over all keys at once: (out_BQHW in q's dtype, lse_BHQ float32)."""
     B, Q, H, W = q_BQHW.shape
     G = k_BKGW.shape[2]
     q_BQGRW = q_BQHW.astype(jnp.float32).reshape(B, Q, G, H // G, W)
@@ -462,7 +474,7 @@ def attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=Non
     args = (q_BQHW, k_BKGW, v_BKGW, arange_positions(q_positions_BQ, B, Q), arange_positions(kv_positions_BK, B, K),
             q_segment_ids_BQ, kv_segment_ids_BK)
     if chosen == "reference":
-        out_BQHW, lse_BHQ = _reference(mask, scale, *args)
+        out_BQHW, lse_BHQ = reference_kernel(mask, scale, *args)
     else:
         out_BQHW, lse_BHQ = _blockwise(mask, scale, block_size, *args)
     return (out_BQHW, lse_BHQ) if return_lse else out_BQHW

@@ -99,15 +99,18 @@ def rope_inv_freq(head_dim: int, *, theta: float = 10000.0, scaling: str = "none
 
 
 def apply_rope(x_BLHW, positions_BL, inv_freq, mscale: float = 1.0):
-    """Rotate pairs (i, i + W/2) of the last axis by angle position * inv_freq[i] (rotate-half convention)."""
+    """Rotate pairs (i, i + W/2) of the last axis by angle position * inv_freq[i] (rotate-half convention).
+    inv_freq is (J,), or (B, J) for per-row frequencies."""
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
-    half = inv_freq.shape[0]
+    half = inv_freq.shape[-1]
     if x_BLHW.ndim != 4 or x_BLHW.shape[-1] != 2 * half:
         raise ValueError(f"apply_rope: x shape {tuple(x_BLHW.shape)} must be (B, L, H, {2 * half}) "
                          f"for {half} inverse frequencies")
     if tuple(positions_BL.shape) != tuple(x_BLHW.shape[:2]):
         raise ValueError(f"apply_rope: positions shape {tuple(positions_BL.shape)} must equal "
                          f"x's (B, L) = {tuple(x_BLHW.shape[:2])}")
+    if inv_freq.ndim == 2:  # per-row frequencies (dynamic NTK at each row's length): (B, J)
+        inv_freq = inv_freq[:, None, :]
     angle_BLJ = positions_BL.astype(jnp.float32)[..., None] * inv_freq
     cos_BL1J = jnp.cos(angle_BLJ)[:, :, None, :] * mscale
     sin_BL1J = jnp.sin(angle_BLJ)[:, :, None, :] * mscale
@@ -115,6 +118,17 @@ def apply_rope(x_BLHW, positions_BL, inv_freq, mscale: float = 1.0):
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos_BL1J - x2 * sin_BL1J, x2 * cos_BL1J + x1 * sin_BL1J], axis=-1)
     return out.astype(x_BLHW.dtype)
+
+
+def dynamic_ntk_inv_freq_BJ(head_dim: int, theta: float, factor: float, original_max_len: int, seq_len_B):
+    """Dynamic NTK frequencies (as `rope_inv_freq`'s "dynamic_ntk") for a traced per-row current length,
+    in float32; the training forward uses it too, so decode and the full forward rotate identically."""
+    seq_len_B = jnp.asarray(seq_len_B, jnp.float32)
+    d = head_dim
+    grown_B = theta * (factor * seq_len_B / original_max_len - (factor - 1)) ** (d / (d - 2)) if d > 2 else theta
+    base_B = jnp.where(seq_len_B > original_max_len, grown_B, theta)
+    exponent_J = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    return 1.0 / base_B[:, None] ** exponent_J
 
 
 def sinusoidal_embedding(positions_BL, d_model: int):

@@ -167,17 +167,6 @@ def _rotate(tree, axis_name, size: int):
     return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
 
-def _merge(a, b):
-    """Combine two normalised partial results (out_BQHW f32, lse_BHQ) of disjoint key sets."""
-    out_a, lse_a = a
-    out_b, lse_b = b
-    lse = jnp.logaddexp(lse_a, lse_b)
-    ref = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    weight_a = jnp.swapaxes(jnp.exp(lse_a - ref), 1, 2)[..., None]
-    weight_b = jnp.swapaxes(jnp.exp(lse_b - ref), 1, 2)[..., None]
-    return out_a * weight_a + out_b * weight_b, lse
-
-
 def _halves(opts, has_segments: bool, q_len: int, kv_len: int, axis: int, *arrays):
     """Each array cut into `layout.num_parts` equal sub-blocks along `axis` (None stays None)."""
     parts = layout.num_parts(opts.mask, has_segments, q_len, kv_len)
@@ -203,7 +192,7 @@ def _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
     def body(carry, _):
         kv, acc = carry
         nxt = _rotate(kv, opts.axis_name, size)
-        return (nxt, _merge(acc, _step_forward(opts, q, *kv, qpos, qseg))), None
+        return (nxt, attention_ops.merge_partials(acc, _step_forward(opts, q, *kv, qpos, qseg))), None
 
     acc = (_zeros((B, Q, H, v.shape[-1]), *like), _zeros((B, H, Q), *like) - jnp.inf)
     (_, (out, lse)), _ = lax.scan(body, ((k, v, kpos, kseg), acc), length=size)
@@ -219,7 +208,7 @@ def _step_forward(opts, q, k, v, kpos, kseg, qpos, qseg):
         acc = None
         for kj, vj, kpos_j, kseg_j in kv_parts:
             res = _sub_forward(opts, qi, kj, vj, qpos_i, kpos_j, qseg_i, kseg_j)
-            acc = res if acc is None else _merge(acc, res)
+            acc = res if acc is None else attention_ops.merge_partials(acc, res)
         outs.append(acc[0])
         lses.append(acc[1])
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)

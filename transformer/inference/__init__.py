@@ -1,0 +1,1 @@
+"""Inference: KV cache, prefill and decode, sampling, speculative decoding, generation."""
