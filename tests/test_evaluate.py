@@ -157,39 +157,15 @@ def training_layout(length: int, digits: int) -> tuple[np.ndarray, np.ndarray]:
 def test_passkey_prompts_have_the_training_layout():
     length, digits = PASSKEY_LENGTH, 4
     masked_Y, train_inputs_BL = training_layout(length, digits)
-    batch, index_ZY, answers_ZY = evaluate.passkey_batch(length, 0.5, 3, np.random.default_rng(0), digits=digits)
-    assert batch["inputs_BL"].shape == (3, length)
-    for row in range(3):
-        np.testing.assert_array_equal(index_ZY[row], masked_Y)
-        np.testing.assert_array_equal(batch["loss_mask_BL"][row], np.isin(np.arange(length), masked_Y))
-        key = re.search(r"The pass key is (\d{4})\.", tokenizer.decode(batch["inputs_BL"][row])).group(1)
+    prompts, answers_ZY = evaluate.passkey_prompts(length, 0.5, 3, np.random.default_rng(0), digits=digits)
+    assert answers_ZY.shape == (3, digits)
+    for row, prompt in enumerate(prompts):
+        assert len(prompt) == masked_Y[0] + 1  # the answer's first digit is predicted where training masks it
+        key = re.search(r"The pass key is (\d{4})\.", tokenizer.decode(prompt)).group(1)
         assert tokenizer.decode(answers_ZY[row]) == key
     question = slice(masked_Y[0] + 1 - len(QUESTION), masked_Y[0] + 1)
-    np.testing.assert_array_equal(batch["inputs_BL"][:, question], train_inputs_BL[:3, question])
-
-
-def test_passkey_accuracy_of_an_oracle_of_the_training_rows_is_one(loaded, monkeypatch):
-    """A model that perfectly fits the training rows (the key digits read from its input, predicted at
-    the loss-masked positions of a training row of the same length when the question ends there, PAD
-    elsewhere) scores 1.0."""
-    digits = loaded.cfg.data.passkey_digits
-
-    def oracle_argmax_at(graphdef, state, batch, index_BY):
-        inputs_BL = np.asarray(batch["inputs_BL"])
-        masked_Y, _ = training_layout(inputs_BL.shape[1], digits)
-        predicted_BY = np.full(np.shape(index_BY), tokenizer.PAD)
-        for b, row in enumerate(inputs_BL):
-            key = tokenizer.encode(re.search(rf"The pass key is (\d{{{digits}}})\.", tokenizer.decode(row)).group(1))
-            if not tokenizer.decode(row[:masked_Y[0] + 1]).endswith(QUESTION):
-                continue  # not the training layout: the question does not end where the answer starts
-            for a, position in enumerate(np.asarray(index_BY)[b]):
-                if position in masked_Y:
-                    predicted_BY[b, a] = key[list(masked_Y).index(position)]
-        return predicted_BY
-
-    monkeypatch.setattr(evaluate, "_argmax_at", oracle_argmax_at)
-    results = evaluate.passkey_accuracy(loaded, [PASSKEY_LENGTH], depths=[0.0, 1.0], trials=3)
-    assert [(r["accuracy"], r["digit_accuracy"]) for r in results] == [(1.0, 1.0)] * 2
+    for prompt in prompts:
+        np.testing.assert_array_equal(prompt[question], train_inputs_BL[0, question])
 
 
 def test_ring_attention_evaluation_matches_one_device(loaded):

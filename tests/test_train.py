@@ -36,7 +36,8 @@ STEPS = 20
 TINY = ["--preset", "tiny", "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
         "model.max_seq_len=32", "model.attention_block_size=32", "data.seq_len=32", "data.global_batch_size=8",
         "optim.warmup_steps=2", "optim.lr=1e-2", f"steps={STEPS}", "log_every=1", "eval_every=0", "eval_batches=2",
-        "progress_bar=false", "tensorboard=false", "checkpoint.every_steps=0", "checkpoint.async_save=false"]
+        "progress_bar=false", "tensorboard=false", "checkpoint.every_steps=0", "checkpoint.async_save=false",
+        "sample_tokens=0"]
 
 
 def tiny_args(run_dir: Path, *extra: str) -> list[str]:

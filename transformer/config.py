@@ -295,6 +295,8 @@ class Config:
     synchronous: bool = False  # read each step's metrics before dispatching the next (the loop before async)
     profile_steps: tuple[int, ...] = ()  # START,END: a jax.profiler trace of steps START+1..END in run_dir/profile
     compilation_cache_dir: str = "jax_cache"  # JAX's persistent compilation cache; relative: under run_dir; "": none
+    sample_tokens: int = 0  # >0: `python -m transformer.train` ends by printing this many generated tokens
+    sample_prompt: str = "And God said"  # the text the end-of-training sample continues
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -307,6 +309,9 @@ class Config:
         _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
         _check(self.eval_batches >= 1, f"eval_batches={self.eval_batches} must be >= 1")
         _check(self.loss_chunk_size >= 0, f"loss_chunk_size={self.loss_chunk_size} must be >= 0")
+        _check(self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0")
+        if self.sample_tokens:
+            _check(bool(self.sample_prompt), "sample_prompt must not be empty when sample_tokens > 0")
         if self.profile_steps:
             _check(len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1] <= self.steps,
                    f"profile_steps={','.join(map(str, self.profile_steps))} must be START,END with "
@@ -426,7 +431,7 @@ def _preset_tiny() -> Config:
         optim=OptimConfig(lr=3e-3, warmup_steps=20),
         steps=200, eval_every=100, eval_batches=4, log_every=10,
         checkpoint=CheckpointConfig(every_steps=100),
-        run_dir="runs/tiny",
+        run_dir="runs/tiny", sample_tokens=160,
     )
 
 
@@ -435,7 +440,7 @@ def _preset_small() -> Config:
         model=ModelConfig(d_model=384, num_layers=6, num_heads=6, max_seq_len=512),
         data=DataConfig(seq_len=512, global_batch_size=32),
         optim=OptimConfig(lr=1e-3, warmup_steps=200),
-        steps=5000, run_dir="runs/small",
+        steps=5000, run_dir="runs/small", sample_tokens=200,
     )
 
 

@@ -17,10 +17,9 @@ Perplexity modes, for each length L over the first `num_sequences` held-out wind
   sees at least W - stride tokens of context (a no-extrapolation baseline for L > W).
 
 Passkey accuracy at length L: prompts laid out exactly like the training rows of
-data.dataset="passkey" at data.seq_len = L (an example of L + 1 tokens whose first L are the
-model's input; the answer digits are the targets of the last positions). An example counts when
-its answer digits are all the model's argmax predictions given the true prefix, which is exactly
-when greedy decoding would produce the answer.
+data.dataset="passkey" at data.seq_len = L (an example of L + 1 tokens ending in the answer digits); the
+model generates the answer greedily with the KV cache (prefill, then decode), and an example counts
+when every generated digit is right.
 """
 
 from __future__ import annotations
@@ -34,18 +33,19 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from transformer import runs, sharding
-from transformer.runs import LoadedModel
 from transformer.config import SEQUENCE, Config, ConfigError, ModelConfig, apply_overrides
 from transformer.data import make_dataset
 from transformer.data.placement import place_batch
 from transformer.data.synthetic import passkey_example
+from transformer.inference.generate import Generator
+from transformer.inference.sampling import SamplingConfig
 from transformer.loss import loss_sums
-from transformer.ops.layout import ring_length_problem, zigzag_inverse
+from transformer.ops.layout import ring_length_problem
+from transformer.runs import LoadedModel
 
 MODES = ("chunks", "sliding")
 
@@ -70,16 +70,6 @@ def _check_length(cfg: Config, length: int, ring: int) -> None:
 def _loss_sums(graphdef, state, batch, loss_chunk_size: int):
     sums, _ = loss_sums(nnx.merge(graphdef, state), batch, loss_chunk_size=loss_chunk_size)
     return sums
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _argmax_at(graphdef, state, batch, index_BY):
-    """Argmax predictions at the (layout) positions index_BY, projecting only those hidden states."""
-    model = nnx.merge(graphdef, state)
-    hidden_BLD, _ = model(batch["inputs_BL"], positions_BL=batch["positions_BL"],
-                          segment_ids_BL=batch["segment_ids_BL"], return_hidden=True)
-    picked_BYD = jnp.take_along_axis(hidden_BLD, index_BY[..., None], axis=1)
-    return jnp.argmax(model.logits(picked_BYD), axis=-1)
 
 
 def _batch(inputs_BL, targets_BL, mask_BL) -> dict[str, np.ndarray]:
@@ -139,49 +129,42 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
     return results
 
 
-def passkey_batch(length: int, depth: float, trials: int, rng: np.random.Generator, *,
-                  digits: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """(batch, index_ZY, answers_ZY): `trials` passkey prompts at context length `length`, built like the
-    training rows of data.seq_len = length: examples of length + 1 tokens, inputs the first `length`,
-    targets shifted by one, loss_mask on the answer. index_ZY are the input positions whose next-token
-    predictions are the answer digits answers_ZY (the loss-masked positions of a training row)."""
+def passkey_prompts(length: int, depth: float, trials: int, rng: np.random.Generator, *,
+                    digits: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(prompts, answers_ZY): `trials` passkey examples of length + 1 tokens laid out like the training rows of
+    data.seq_len = length; each prompt is an example up to its answer, whose digits are answers_ZY."""
     if trials < 1:
         raise ValueError(f"trials={trials} must be >= 1")
     examples = [passkey_example(length + 1, float(depth), rng, digits=digits) for _ in range(trials)]
-    tokens_ZL = np.stack([tokens for tokens, _ in examples])
-    index_ZY = np.stack([np.arange(start - 1, end - 1) for _, (start, end) in examples])
-    targets_ZL = tokens_ZL[:, 1:]
-    mask_ZL = np.zeros(targets_ZL.shape, np.float32)
-    np.put_along_axis(mask_ZL, index_ZY, 1.0, axis=1)
-    answers_ZY = np.take_along_axis(targets_ZL, index_ZY, axis=1)
-    return _batch(tokens_ZL[:, :-1], targets_ZL, mask_ZL), index_ZY, answers_ZY
+    return ([tokens[:start] for tokens, (start, _) in examples],
+            np.stack([tokens[start:end] for tokens, (start, end) in examples]))
 
 
 def passkey_accuracy(source, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), trials: int = 10, *,
                      seed: int = 0, model_cfg: ModelConfig | None = None, mesh=None) -> list[dict]:
-    """Passkey retrieval accuracy in [0, 1] for each (context length, depth): one dict with length, depth,
-    accuracy (exact match of every answer digit), digit_accuracy and trials. Prompts come from
-    `passkey_batch`, so length = data.seq_len is exactly the training layout."""
+    """Passkey retrieval by generation, in [0, 1] for each (context length, depth): one dict with length, depth,
+    accuracy (every generated answer digit right), digit_accuracy and trials. Prompts come from
+    `passkey_prompts` (length = data.seq_len is exactly the training layout); the answer is decoded greedily
+    with the KV cache (`inference.generate`), the prompt prefilled with the training kernels (Ring Attention
+    on a `sequence` mesh)."""
     if trials < 1:
         raise ValueError(f"trials={trials} must be >= 1")
     loaded = load_model(source, model_cfg=model_cfg, mesh=mesh)
-    cfg, ring = loaded.cfg, loaded.mesh.shape[SEQUENCE]
+    cfg = loaded.cfg
+    generator = Generator(loaded)
+    digits = cfg.data.passkey_digits
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=digits)
     results = []
-    with sharding.use_mesh(loaded.mesh):
-        for length in lengths:
-            _check_length(cfg, length, ring)
-            layout = zigzag_inverse(length, ring) if ring > 1 else np.arange(length)
-            for d, depth in enumerate(depths):
-                rng = np.random.default_rng([seed, int(length), d])
-                batch, index_ZY, answers_ZY = passkey_batch(length, depth, trials, rng,
-                                                            digits=cfg.data.passkey_digits)
-                predicted_ZY = np.asarray(jax.device_get(_argmax_at(
-                    loaded.graphdef, loaded.state, place_batch(batch, loaded.mesh),
-                    jnp.asarray(layout[index_ZY], jnp.int32))))
-                correct_ZY = predicted_ZY == answers_ZY
-                results.append({"length": int(length), "depth": float(depth),
-                                "accuracy": float(np.mean(np.all(correct_ZY, axis=1))),
-                                "digit_accuracy": float(np.mean(correct_ZY)), "trials": int(trials)})
+    for length in lengths:
+        _check_length(cfg, length, 1)
+        for d, depth in enumerate(depths):
+            rng = np.random.default_rng([seed, int(length), d])
+            prompts, answers_ZY = passkey_prompts(length, depth, trials, rng, digits=digits)
+            generated = generator.generate(prompts, greedy).tokens
+            correct_ZY = np.array([np.asarray(row, np.int64) == answer for row, answer in zip(generated, answers_ZY)])
+            results.append({"length": int(length), "depth": float(depth),
+                            "accuracy": float(np.mean(np.all(correct_ZY, axis=1))),
+                            "digit_accuracy": float(np.mean(correct_ZY)), "trials": int(trials)})
     return results
 
 

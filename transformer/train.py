@@ -474,7 +474,23 @@ def main(argv: list[str] | None = None) -> int:
                  f"first step {summary['first_step_seconds']:.1f} s" if "first_step_seconds" in summary else "",
                  "preempted: saved and stopped" if summary["preempted"] else ""]
         print(" | ".join(p for p in parts if p))
+        if cfg.sample_tokens and not summary["preempted"] and jax.process_count() == 1:
+            print_sample(cfg)
     return 0
+
+
+def print_sample(cfg: Config) -> None:
+    """Print what the trained model writes after cfg.sample_prompt (greedy-ish: temperature 0.7, top-p 0.9)."""
+    from transformer.data import tokenizer
+    from transformer.inference.generate import Generator
+    from transformer.inference.sampling import SamplingConfig
+
+    if cfg.data.dataset == "npy" or cfg.model.vocab_size != tokenizer.VOCAB_SIZE:
+        return
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.sample_tokens,
+                              stop_tokens=(tokenizer.EOS,), seed=cfg.seed)
+    result = Generator(cfg.run_dir).generate([tokenizer.encode(cfg.sample_prompt).tolist()], sampling)
+    print(f"sample: {cfg.sample_prompt}{tokenizer.decode(result.tokens[0])}")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ class Generator:
         self.cfg = self.loaded.cfg
         self.model_cfg = self.cfg.model
         self.cache: KVCache | None = None
-        self._carry = None
+        self._unfed: list[int | None] = []
 
     @property
     def vocab_size(self) -> int:
@@ -174,6 +174,9 @@ class Generator:
         if keep_cache and (self.cache is None or self.cache.batch != len(prompts)):
             raise ConfigError("keep_cache=True continues the previous call's rows: give as many prompts as "
                               f"it had ({0 if self.cache is None else self.cache.batch})")
+        prompt_lengths = [len(p) for p in prompts]
+        if keep_cache:  # the last token of the previous call was emitted but never fed to the model
+            prompts = [[last, *p] if last is not None else p for last, p in zip(self._unfed, prompts)]
         tokens_BL, valid_BL = pad_prompts(prompts, multiple)
         chunk = tokens_BL.shape[1] if not prefill_chunk else -(-prefill_chunk // multiple) * multiple
         B = len(prompts)
@@ -233,7 +236,9 @@ class Generator:
                     on_tokens(tokens_BT)
             decode_seconds = time.perf_counter() - start
         self.cache = cache
-        return self._result(pieces, sampling, [len(p) for p in prompts], prefill_seconds, decode_seconds)
+        result = self._result(pieces, sampling, prompt_lengths, prefill_seconds, decode_seconds)
+        self._unfed = [row[-1] if row else None for row in result.tokens]
+        return result
 
     @staticmethod
     def _result(pieces, sampling: SamplingConfig, prompt_lengths, prefill_seconds, decode_seconds) -> Generation:
