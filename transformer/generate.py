@@ -24,8 +24,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from transformer import distributed
 from transformer.config import ConfigError, apply_overrides
 from transformer.data import tokenizer
 from transformer.inference.generate import FINISHED, Generation, Generator
@@ -112,7 +114,8 @@ def _run(generator: Generator, draft, options: Options, sampling: SamplingConfig
 
         return speculative_generate(generator, prompts, sampling, draft=draft, draft_tokens=options.draft_tokens,
                                     max_len=options.max_len)
-    stream = TextStream() if options.stream and generator.vocab_size == tokenizer.VOCAB_SIZE else None
+    streams = options.stream and generator.vocab_size == tokenizer.VOCAB_SIZE and jax.process_index() == 0
+    stream = TextStream() if streams else None
     result = generator.generate(prompts, sampling, max_len=options.max_len, prefill_chunk=options.prefill_chunk,
                                 decode_steps_per_call=options.decode_steps, on_tokens=stream, keep_cache=keep_cache)
     if stream is not None:
@@ -138,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         options, sampling, overrides, stops_given = parse_args(argv)
+        distributed.initialize()
         if not Path(options.run_dir, "config.json").exists():
             raise ConfigError(f"run_dir={options.run_dir!r} has no config.json; give the directory of a training run")
         generator = Generator(options.run_dir, overrides=overrides)
@@ -154,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if jax.process_index() != 0:
+        return 0
     _report(result, byte_vocab, streamed)
     if options.out:
         report = {"run_dir": options.run_dir, "overrides": overrides, "sampling": dataclasses.asdict(sampling),

@@ -78,13 +78,14 @@ def extend_step(graphdef, state, cache: KVCache, tokens_BL, valid_BL):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("cache",))
-def decode_steps(graphdef, state, cache: KVCache, logits_BV, done_B, count_B, seen_BV, keys_B, first_step, *,
+def decode_steps(graphdef, state, cache: KVCache, logits_BV, done_B, count_B, seen_BV, first_step, *,
                  sampling: SamplingConfig, steps: int):
     """`steps` decode steps: sample each row's next token from logits_BV (with the rows' keys for step
     first_step + t), then (unless the row is done) run it through the model. Returns (tokens_BT with FINISHED for done rows, cache, logits_BV, done_B, count_B,
     seen_BV)."""
     model = nnx.merge(graphdef, state)
     stops = jnp.asarray(sampling.stop_tokens or (-2,), jnp.int32)
+    keys_B = sampling_ops.row_keys(sampling.seed, done_B.shape[0])
 
     def step(t, carry):
         cache, logits_BV, done_B, count_B, seen_BV, tokens_BT = carry
@@ -101,7 +102,8 @@ def decode_steps(graphdef, state, cache: KVCache, logits_BV, done_B, count_B, se
     tokens_BT = jnp.full((done_B.shape[0], steps), FINISHED, jnp.int32)
     cache, logits_BV, done_B, count_B, seen_BV, tokens_BT = jax.lax.fori_loop(
         0, steps, step, (cache, logits_BV, done_B, count_B, seen_BV, tokens_BT))
-    return tokens_BT, cache, logits_BV, done_B, count_B, seen_BV
+    replicated = lambda x: sharding.constrain(x, (None,) * x.ndim)  # every process reads them
+    return replicated(tokens_BT), cache, logits_BV, replicated(done_B), count_B, seen_BV
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +116,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np
     for row, prompt in enumerate(prompts):
         tokens_BL[row, :len(prompt)] = np.asarray(prompt, np.int32)
     return tokens_BL, np.arange(L)[None, :] < np.asarray(lengths)[:, None]
+
+
+def on_mesh(x, mesh):
+    """A host array as a jax.Array replicated over `mesh` (every process passes the same values)."""
+    x = np.asarray(x)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.make_array_from_process_local_data(replicated, x, x.shape)
 
 
 class Generator:
@@ -192,8 +201,7 @@ class Generator:
                 extra = max(chunk - 1, 0) if tokens_BL.shape[1] > chunk else 0
                 source = None
                 if encdec:
-                    src_BS, src_valid_BS = pad_prompts(self._check_prompts(sources))
-                    source = (jnp.asarray(src_BS), jnp.asarray(src_valid_BS))
+                    source = tuple(on_mesh(x, mesh) for x in pad_prompts(self._check_prompts(sources)))
                 cache = init_cache(self.model_cfg, B, length, extra_slots=extra,
                                    source_len=0 if source is None else source[0].shape[1], mesh=mesh)
             else:
@@ -204,12 +212,12 @@ class Generator:
                                       "start a new conversation or generate with a larger max_len")
             logits_BV = None
             for begin in range(0, tokens_BL.shape[1], chunk):
-                piece_BL = jnp.asarray(tokens_BL[:, begin:begin + chunk])
-                piece_valid_BL = jnp.asarray(valid_BL[:, begin:begin + chunk])
+                piece_BL = tokens_BL[:, begin:begin + chunk]
+                piece_valid_BL = valid_BL[:, begin:begin + chunk]
                 if piece_BL.shape[1] < chunk:
-                    pad = chunk - piece_BL.shape[1]
-                    piece_BL = jnp.pad(piece_BL, ((0, 0), (0, pad)))
-                    piece_valid_BL = jnp.pad(piece_valid_BL, ((0, 0), (0, pad)))
+                    pad = ((0, 0), (0, chunk - piece_BL.shape[1]))
+                    piece_BL, piece_valid_BL = np.pad(piece_BL, pad), np.pad(piece_valid_BL, pad)
+                piece_BL, piece_valid_BL = on_mesh(piece_BL, mesh), on_mesh(piece_valid_BL, mesh)
                 chunk_logits_BV, cache = prefill_step(graphdef, state, cache, piece_BL, piece_valid_BL,
                                                       source if fresh and begin == 0 else None,
                                                       fresh=fresh and begin == 0)
@@ -220,15 +228,13 @@ class Generator:
             prefill_seconds = time.perf_counter() - start
 
             start = time.perf_counter()
-            done_B = jnp.zeros((B,), bool)
-            count_B = jnp.zeros((B,), jnp.int32)
-            seen_BV = sampling_ops.mark_seen(jnp.zeros((B, self.vocab_size), bool),
-                                             jnp.where(valid_BL, tokens_BL, -1))
-            keys_B = sampling_ops.row_keys(sampling.seed, B)
+            seen_BV = np.zeros((B, self.vocab_size), bool)
+            seen_BV[np.nonzero(valid_BL)[0], tokens_BL[valid_BL]] = True
+            done_B, count_B, seen_BV = (on_mesh(x, mesh) for x in (np.zeros(B, bool), np.zeros(B, np.int32), seen_BV))
             pieces, steps = [], min(decode_steps_per_call, sampling.max_new_tokens)
             while not bool(np.all(np.asarray(done_B))):
                 tokens_BT, cache, logits_BV, done_B, count_B, seen_BV = decode_steps(
-                    graphdef, state, cache, logits_BV, done_B, count_B, seen_BV, keys_B, len(pieces) * steps,
+                    graphdef, state, cache, logits_BV, done_B, count_B, seen_BV, len(pieces) * steps,
                     sampling=sampling, steps=steps)
                 tokens_BT = np.asarray(tokens_BT)
                 pieces.append(tokens_BT)
