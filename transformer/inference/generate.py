@@ -140,7 +140,7 @@ class Generator:
     def vocab_size(self) -> int:
         return self.model_cfg.vocab_size
 
-    def _check_prompts(self, prompts) -> list[list[int]]:
+    def check_prompts(self, prompts) -> list[list[int]]:
         rows = [list(map(int, np.asarray(p).reshape(-1))) for p in prompts]
         V = self.vocab_size
         for row, prompt in enumerate(rows):
@@ -149,15 +149,19 @@ class Generator:
                 raise ConfigError(f"prompt {row} has token id {bad[0]}, outside the model's vocabulary [0, {V})")
         return rows
 
-    def cache_length(self, prompt_len: int, sampling: SamplingConfig, max_len: int) -> int:
-        """Cache positions needed (checked against `max_len` when given), rounded to the mesh's ring."""
-        needed = prompt_len + sampling.max_new_tokens
+    def cache_length(self, prompt_len: int, sampling: SamplingConfig, max_len: int, *, extra: int = 0,
+                     extra_reason: str = "") -> int:
+        """Cache positions for prompts of up to prompt_len tokens, max_new_tokens and `extra` positions a call may
+        write beyond them (checked against `max_len` when given, and against the model), rounded to the ring."""
+        needed = prompt_len + sampling.max_new_tokens + extra
         if max_len and needed > max_len:
-            raise ConfigError(f"the longest prompt ({prompt_len} tokens) plus max_new_tokens="
-                              f"{sampling.max_new_tokens} needs {needed} cache positions but max_len={max_len}; "
+            raise ConfigError(f"the longest prompt ({prompt_len} tokens) plus max_new_tokens={sampling.max_new_tokens}"
+                              f"{extra_reason} needs {needed} cache positions but max_len={max_len}; "
                               "shorten the prompt, lower max_new_tokens or raise max_len")
         ring = dict(self.loaded.mesh.shape).get("sequence", 1)
-        return -(-max(needed, max_len) // ring) * ring
+        length = -(-max(needed, max_len) // ring) * ring
+        check_fits(self.model_cfg, length, self.loaded.mesh)
+        return length
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
                  max_len: int = 0, prefill_chunk: int = 0, decode_steps_per_call: int = 16,
@@ -170,7 +174,7 @@ class Generator:
         sources: the encoder inputs of an encoder-decoder model, one per prompt (the prompt then starts the
         decoder)."""
         sampling = sampling.validate(self.vocab_size)
-        prompts = self._check_prompts(prompts)
+        prompts = self.check_prompts(prompts)
         mesh, graphdef, state = self.loaded.mesh, self.loaded.graphdef, self.loaded.state
         ring = dict(mesh.shape).get("sequence", 1)
         multiple = ring_multiple(ring, True) if ring > 1 else 1
@@ -194,22 +198,25 @@ class Generator:
             fresh = not keep_cache
             if fresh:
                 length = self.cache_length(tokens_BL.shape[1], sampling, max_len)
-                check_fits(self.model_cfg, length, mesh)
                 if self.model_cfg.moe.num_experts and self.model_cfg.moe.router == "expert_choice":
                     raise ConfigError("model.moe.router='expert_choice' lets experts pick tokens across the whole "
                                       "sequence, so it cannot decode one token at a time; use a token-choice router")
                 extra = max(chunk - 1, 0) if tokens_BL.shape[1] > chunk else 0
                 source = None
                 if encdec:
-                    source = tuple(on_mesh(x, mesh) for x in pad_prompts(self._check_prompts(sources)))
+                    source = tuple(on_mesh(x, mesh) for x in pad_prompts(self.check_prompts(sources)))
                 cache = init_cache(self.model_cfg, B, length, extra_slots=extra,
                                    source_len=0 if source is None else source[0].shape[1], mesh=mesh)
             else:
                 cache, source = self.cache, None
                 needed = int(np.max(np.asarray(cache.lengths_B))) + tokens_BL.shape[1] + sampling.max_new_tokens
-                if not self.model_cfg.sliding_window and needed > cache.slots:
+                window = self.model_cfg.sliding_window
+                ring = bool(window) and cache.slots >= window  # else a short cache holds no whole window
+                if not ring and needed > cache.slots:
                     raise ConfigError(f"continuing needs {needed} cache positions but the cache has {cache.slots}; "
                                       "start a new conversation or generate with a larger max_len")
+                if ring:  # a call writing more than slots - window + 1 tokens overwrites keys its own queries read
+                    chunk = min(chunk, cache.slots - window + 1)
             logits_BV = None
             for begin in range(0, tokens_BL.shape[1], chunk):
                 piece_BL = tokens_BL[:, begin:begin + chunk]
@@ -242,19 +249,18 @@ class Generator:
                     on_tokens(tokens_BT)
             decode_seconds = time.perf_counter() - start
         self.cache = cache
-        result = self._result(pieces, sampling, prompt_lengths, prefill_seconds, decode_seconds)
+        result = to_generation(np.concatenate(pieces, axis=1), sampling, prompt_lengths, prefill_seconds,
+                               decode_seconds)
         self._unfed = [row[-1] if row else None for row in result.tokens]
         return result
 
-    @staticmethod
-    def _result(pieces, sampling: SamplingConfig, prompt_lengths, prefill_seconds, decode_seconds) -> Generation:
-        all_BT = np.concatenate(pieces, axis=1)
-        rows, finish = [], []
-        for row_T in all_BT:
-            row = [int(t) for t in row_T if t != FINISHED]
-            rows.append(row)
-            finish.append("stop" if row and row[-1] in sampling.stop_tokens else "length")
-        return Generation(rows, finish, prompt_lengths, prefill_seconds, decode_seconds)
+
+def to_generation(tokens_BT: np.ndarray, sampling: SamplingConfig, prompt_lengths: list[int],
+                  prefill_seconds: float, decode_seconds: float) -> Generation:
+    """A `Generation` from the emitted tokens of every call (FINISHED where a row had ended)."""
+    rows = [[int(t) for t in row_T if t != FINISHED] for row_T in tokens_BT]
+    finish = ["stop" if row and row[-1] in sampling.stop_tokens else "length" for row in rows]
+    return Generation(rows, finish, list(prompt_lengths), prefill_seconds, decode_seconds)
 
 
 def generate(source, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
