@@ -91,3 +91,18 @@ def test_two_processes_generate_like_one(tmp_path):
     rows = lambda name: [r["generated_ids"] for r in json.loads((tmp_path / name).read_text())["rows"]]
     assert rows("two.json") == rows("one.json")
     assert len(rows("one.json")[0]) == 24
+
+
+def test_split_cache_decode_moves_no_cache():
+    """The compiled decode step on mesh.sequence=8 has only all-reduces (of the lse and the weighted outputs),
+    no all-gather or permute that would move the cache."""
+    mesh = sharding.make_mesh(MeshConfig(data=1, sequence=8))
+    graphdef, state = nnx.split(build_model(MODEL, rngs=nnx.Rngs(0)))
+    with sharding.use_mesh(mesh):
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        cache = init_cache(MODEL, 2, 64, mesh=mesh)
+        token = on_mesh(np.zeros((2, 1), np.int32), mesh)
+        hlo = extend_step.lower(graphdef, state, cache, token, on_mesh(np.ones((2, 1), bool), mesh)).compile().as_text()
+    collectives = [line for line in hlo.splitlines() if any(
+        op in line for op in (" all-gather(", " all-to-all(", " collective-permute(", " all-reduce(", " reduce-scatter("))]
+    assert collectives and all(" all-reduce(" in line for line in collectives), collectives

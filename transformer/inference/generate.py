@@ -81,8 +81,9 @@ def extend_step(graphdef, state, cache: KVCache, tokens_BL, valid_BL):
 def decode_steps(graphdef, state, cache: KVCache, logits_BV, done_B, count_B, seen_BV, first_step, *,
                  sampling: SamplingConfig, steps: int):
     """`steps` decode steps: sample each row's next token from logits_BV (with the rows' keys for step
-    first_step + t), then (unless the row is done) run it through the model. Returns (tokens_BT with FINISHED for done rows, cache, logits_BV, done_B, count_B,
-    seen_BV)."""
+    first_step + t), then, unless the row is done, run it through the model. A done row emits FINISHED and
+    writes nothing; the shapes stay fixed, so one compilation serves the whole generation. Returns
+    (tokens_BT, cache, logits_BV, done_B, count_B, seen_BV)."""
     model = nnx.merge(graphdef, state)
     stops = jnp.asarray(sampling.stop_tokens or (-2,), jnp.int32)
     keys_B = sampling_ops.row_keys(sampling.seed, done_B.shape[0])
