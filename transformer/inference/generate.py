@@ -216,6 +216,10 @@ class Generator:
                 if not ring and needed > cache.slots:
                     raise ConfigError(f"continuing needs {needed} cache positions but the cache has {cache.slots}; "
                                       "start a new conversation or generate with a larger max_len")
+                if self.model_cfg.position == "learned" and needed > self.model_cfg.max_seq_len:
+                    raise ConfigError(f"continuing needs {needed} positions but model.max_seq_len="
+                                      f"{self.model_cfg.max_seq_len} is the size of the learned position table; "
+                                      "start a new conversation or lower max_new_tokens")
                 if ring:  # a call writing more than slots - window + 1 tokens overwrites keys its own queries read
                     chunk = min(chunk, cache.slots - window + 1)
             logits_BV = None
