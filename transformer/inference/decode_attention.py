@@ -35,8 +35,9 @@ _F32 = jnp.float32
 
 def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=None, kv_positions_BK=None,
                      q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale=None, block_size=512, return_lse=False):
-    """Attention of few queries over a long (cached) key sequence; see the module docstring. Segment ids,
-    when given, must be >= 0."""
+    """Attention of few queries over a long (cached) key sequence; see the module docstring. K/V are never
+    padded or copied: a length that is not a multiple of the block size ends with a block overlapping the one
+    before, whose shared keys are hidden. Segment ids, when given, must be >= 0."""
     attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
                                kv_segment_ids_BK, scale=scale, block_size=block_size)
     B, Q, H, W = q_BQHW.shape
@@ -46,22 +47,30 @@ def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions
     kpos_BK = attention_ops.arange_positions(kv_positions_BK, B, K)
     bk = min(block_size, K)
     blocks = -(-K // bk)
-    if blocks * bk != K or q_segment_ids_BQ is not None:
+    ragged = blocks * bk != K  # the last block starts at K - bk; keys it shares with the one before are hidden
+    if ragged or q_segment_ids_BQ is not None:
         qseg_BQ = jnp.zeros((B, Q), jnp.int32) if q_segment_ids_BQ is None else q_segment_ids_BQ
         kseg_BK = jnp.zeros((B, K), jnp.int32) if kv_segment_ids_BK is None else kv_segment_ids_BK
-        pad = [(0, 0), (0, blocks * bk - K)]
-        kseg_BK = jnp.pad(kseg_BK, pad, constant_values=-1)  # padding keys match no query's segment
-        kpos_BK = jnp.pad(kpos_BK, pad)
-        k_BKGW, v_BKGW = (jnp.pad(x, pad + [(0, 0), (0, 0)]) for x in (k_BKGW, v_BKGW))
     else:
         qseg_BQ = kseg_BK = None
 
-    def block(x, j):
-        return lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1) if x is not None else None
+    def start(j):
+        return jnp.minimum(j * bk, K - bk)
 
-    needed = jnp.stack([mask.may_attend(qpos_BQ, kpos_BK[:, j * bk:(j + 1) * bk], qseg_BQ, block(kseg_BK, j))
-                        for j in range(blocks)]) if blocks <= 64 else jax.vmap(
-        lambda j: mask.may_attend(qpos_BQ, block(kpos_BK, j), qseg_BQ, block(kseg_BK, j)))(jnp.arange(blocks))
+    def block(x, j):
+        return lax.dynamic_slice_in_dim(x, start(j), bk, axis=1)
+
+    def block_segments(j):
+        if kseg_BK is None:
+            return None
+        kseg_Bk = block(kseg_BK, j)
+        return jnp.where(start(j) + jnp.arange(bk) >= j * bk, kseg_Bk, -1) if ragged else kseg_Bk
+
+    def may_attend(j):
+        return mask.may_attend(qpos_BQ, block(kpos_BK, j), qseg_BQ, block_segments(j))
+
+    needed = (jnp.stack([may_attend(j) for j in range(blocks)]) if blocks <= 64
+              else jax.vmap(may_attend)(jnp.arange(blocks)))
     any_needed = jnp.any(needed)
     first = jnp.where(any_needed, jnp.argmax(needed), 0)
     last = jnp.where(any_needed, blocks - jnp.argmax(needed[::-1]), 0)
@@ -71,7 +80,7 @@ def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions
         def attend(acc):
             out_BQHW, lse_BHQ = attention_ops.reference_kernel(
                 mask, scale, q32_BQHW, block(k_BKGW, j), block(v_BKGW, j), qpos_BQ, block(kpos_BK, j), qseg_BQ,
-                block(kseg_BK, j))
+                block_segments(j))
             return attention_ops.merge_partials(acc, (out_BQHW, lse_BHQ))
 
         return lax.cond(needed[j], attend, lambda acc: acc, acc)
