@@ -1,21 +1,27 @@
 """Positional-encoding extrapolation: train short, test long.
 
-    python experiments/pe_extrapolation.py --preset cpu    # 2 CPU cores, < 10 minutes
-    python experiments/pe_extrapolation.py --preset gpu    # one GPU, < 15 minutes
+    python experiments/pe_extrapolation.py --preset cpu    # 2 CPU cores, 3 seeds
+    python experiments/pe_extrapolation.py --preset gpu    # one GPU
+    python experiments/pe_extrapolation.py --preset cpu --only rope,alibi --seeds 1 steps=200   # its own folder
 
-One model per positional encoding (sinusoidal, learned, RoPE, ALiBi, NoPE) is trained on the KJV
-corpus at length L with the library's own `train`, then evaluated on held-out text at L, 2L, 4L,
-8L and 16L (non-overlapping chunks; plus sliding-window evaluation of RoPE). The RoPE model is also
-evaluated with position interpolation (linear), NTK-aware, dynamic NTK and YaRN scaling applied at
-inference without retraining (scale factor = eval length / L), and after a short fine-tune at 4L
-with YaRN scaling (init_from the RoPE run). A second set of models per encoding is trained on the
-synthetic passkey task (loss on the key digits only) and tested for retrieval accuracy across lengths
-and depths with evaluate.passkey_accuracy, whose prompts at the training length are laid out exactly
-like the training rows.
+The sweep is read from a sweep config file (experiments/configs/sweeps/pe_cpu.py for --preset cpu,
+pe_gpu.py for gpu; `--sweep FILE` for another one; copy one to make a new sweep). Its `get_config()`
+returns the fields of `Sweep`: a base Config and the grid. Per seed, one model per encoding column is
+trained on the KJV corpus at length L = base.data.seq_len with the library's own `train`, then
+evaluated on held-out text at L x each factor (non-overlapping chunks). The `rope` column's model is
+also evaluated with a sliding window and with each RoPE scaling applied at inference without retraining
+(scale factor = eval length / L), and fine-tuned with the `finetune` overrides starting from its
+parameters. A second model per encoding is trained on the synthetic passkey task (loss on the key
+digits only), after the stages of `passkey_curriculum` if any (each starting from the previous one's
+parameters), and tested by greedy generation across lengths and depths with evaluate.passkey_accuracy,
+whose prompts at the training length are laid out exactly like the training rows.
 
-Writes perplexity.csv / perplexity.md / perplexity.png and passkey.csv / passkey.md / passkey.png
-under --results-dir. Runs are resumable: rerunning the command continues unfinished training
-runs from their checkpoints and reuses finished ones.
+Writes perplexity.{csv,md,png} and passkey.{csv,md,png} (mean ± std over seeds in the markdown and as
+bands in the plots; one CSV row per seed, plus *_summary.csv) and manifest.json (configs, command,
+commit, versions, machine, seconds) under --results-dir. Run folders under --runs-dir are named by a
+hash of their full config: rerunning continues unfinished runs from their checkpoints and reuses
+finished, measured ones. SIGINT/SIGTERM stops after the current run has saved; no table is written and
+the exit code is 75.
 """
 
 from __future__ import annotations
@@ -28,74 +34,131 @@ from pathlib import Path
 
 import harness
 
+PRESETS = {"cpu": harness.SweepPreset("experiments/configs/sweeps/pe_cpu.py"),
+           "gpu": harness.SweepPreset("experiments/configs/sweeps/pe_gpu.py")}
+ABSOLUTE = ("sinusoidal", "learned")
+
 
 @dataclasses.dataclass(frozen=True)
-class Preset(harness.TrainingPreset):
-    """The perplexity models (trained at train_len, evaluated at train_len x factors) and the passkey models."""
+class Sweep:
+    """A positional-encoding sweep: `get_config()` of a sweep config file returns these fields as a dict."""
 
-    train_len: int
-    factors: tuple[int, ...]
-    eval_sequences: int
-    finetune_steps: int
-    passkey_len: int
-    passkey_batch: int
-    passkey_steps: int
-    passkey_warmup: int
-    passkey_factors: tuple[int, ...]
-    passkey_trials: int
-    block: int
+    base: object  # Config of every run: model, data (data.seq_len = training length L), optimizer, steps
+    encodings: dict  # column name -> overrides of base, e.g. {"alibi": ("model.position=alibi",)}
+    factors: tuple  # perplexity at lengths L x factor
+    eval_sequences: int  # held-out sequences per length
+    rope: str = ""  # the column also evaluated with rope_scalings and a sliding window, and fine-tuned
+    rope_scalings: tuple = ()  # model.rope_scaling values applied at inference, factor = length / L
+    sliding_window: bool = False
+    finetune: tuple = ()  # overrides of the rope column's config for a fine-tune from its parameters; (): none
+    finetune_label: str = "rope + fine-tune"
+    passkey: tuple = ()  # overrides of base for one passkey model per encoding; (): no passkey sweep
+    passkey_curriculum: tuple = ()  # earlier passkey stages, each overrides of the passkey config; every stage and
+    # the passkey model start from the previous stage's parameters (checkpoint.init_from)
+    passkey_skip: tuple = ()  # encoding columns without a passkey model
+    passkey_factors: tuple = (1, 2, 4)  # passkey accuracy at passkey training length x factor
+    passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_trials: int = 8  # prompts per (length, depth)
+    seeds: int = 3
+
+    def validate(self) -> None:
+        """Raise ConfigError unless every run's config is valid."""
+        jobs(self, Path("runs"))
+
+    def select(self, names: list[str]) -> "Sweep":
+        """Only the encoding columns in `names` (the RoPE variants go with the `rope` column)."""
+        from transformer.config import ConfigError
+
+        unknown = [n for n in names if n not in self.encodings]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]!r} is not an encoding of this sweep; "
+                              f"choose from {', '.join(self.encodings)}")
+        return dataclasses.replace(self, encodings={k: v for k, v in self.encodings.items() if k in names},
+                                   rope=self.rope if self.rope in names else "",
+                                   passkey_skip=tuple(k for k in self.passkey_skip if k in names))
+
+    @property
+    def train_len(self) -> int:
+        return self.base.data.seq_len
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.train_len * f for f in self.factors]
 
 
-PRESETS = {
-    "cpu": Preset(train_len=64, factors=(1, 2, 4, 8, 16), d_model=128, layers=2, heads=4, batch=8, steps=400,
-                  lr=2e-3, warmup=40, eval_sequences=8, finetune_steps=100, passkey_len=128, passkey_batch=16,
-                  passkey_steps=250, passkey_warmup=20, passkey_factors=(1, 2, 4), passkey_trials=8, block=256),
-    "gpu": Preset(train_len=512, factors=(1, 2, 4, 8, 16), d_model=512, layers=8, heads=8, batch=32, steps=3000,
-                  lr=1e-3, warmup=200, eval_sequences=16, finetune_steps=300, passkey_len=512, passkey_batch=32,
-                  passkey_steps=2000, passkey_warmup=200, passkey_factors=(1, 2, 4, 8), passkey_trials=20,
-                  block=512),
-}
-ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "nope")
-ROPE_SCALINGS = ("linear", "ntk", "dynamic_ntk", "yarn")
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+def make_parser() -> harness.SweepParser:
+    parser = harness.SweepParser("pe_extrapolation", __doc__, PRESETS, Sweep, customize=skip_passkey,
+                                 only="comma-separated encoding columns to run, e.g. rope,alibi")
+    parser.add_argument("--skip-passkey", action="store_true", help="only the perplexity half")
+    return parser
+
+
+def skip_passkey(sweep: Sweep, args: argparse.Namespace) -> Sweep:
+    return dataclasses.replace(sweep, passkey=()) if args.skip_passkey else sweep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = harness.Parser("pe_extrapolation", __doc__, PRESETS, runs_dir=True,
-                            overrides="config overrides applied to every run, e.g. model.d_model=64")
-    parser.add_argument("--encodings", default=",".join(ENCODINGS))
-    parser.add_argument("--skip-passkey", action="store_true")
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.encodings.split(",")) - set(ENCODINGS))
-    if unknown:
-        parser.error(f"unknown encoding {unknown[0]!r}; choose from {', '.join(ENCODINGS)}")
-    return args
+    return make_parser().parse_args(argv)
 
 
-def base_config(p: Preset, encoding: str, run_dir: Path, overrides: list[str]):
+# ---------------------------------------------------------------- runs
+
+
+def encoding_config(sweep: Sweep, column: str, extra: tuple = ()):
+    """base + the column's overrides (+ `extra`); learned positions get a table as long as the longest length
+    either half evaluates (a passkey prompt plus its generated answer is one token longer than its length)."""
     from transformer.config import apply_overrides
 
-    longest = p.train_len * max(p.factors)
-    cfg = p.training_config(
-        seq_len=p.train_len, run_dir=run_dir, checkpoints=4,
-        model=dict(position=encoding, max_seq_len=longest if encoding == "learned" else p.train_len,
-                   attention_block_size=p.block),
-        eval_every=0, log_every=50)
-    return apply_overrides(cfg, overrides).validate()
+    cfg = apply_overrides(sweep.base, (*extra, *sweep.encodings[column]))
+    if cfg.model.position == "learned":
+        longest = max(sweep.lengths + [passkey_length(sweep) * f + 1 for f in sweep.passkey_factors])
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, max_seq_len=max(cfg.model.max_seq_len, longest)))
+    return cfg
 
 
-SECONDS = {"train": 0.0, "evaluate": 0.0}  # summed over runs, printed at the end
+def passkey_length(sweep: Sweep) -> int:
+    from transformer.config import apply_overrides
+
+    return apply_overrides(sweep.base, sweep.passkey).data.seq_len if sweep.passkey else 0
 
 
-def train_run(cfg) -> None:
-    SECONDS["train"] += harness.train_run(cfg)
+def jobs(sweep: Sweep, runs_dir: Path) -> tuple[list[harness.Job], list[harness.Job]]:
+    """(perplexity jobs, passkey jobs), seed by seed."""
+    perplexity, passkey = [], []
+    for seed in range(sweep.seeds):
+        for column in sweep.encodings:
+            cfg = harness.sweep_run_config(encoding_config(sweep, column), column, seed, runs_dir)
+            rope = column == sweep.rope
+            key = {"lengths": sweep.lengths, "sequences": sweep.eval_sequences,
+                   "scalings": sweep.rope_scalings if rope else (), "sliding": sweep.sliding_window and rope}
+            perplexity.append(harness.Job(column, seed, cfg, measure_perplexity(sweep, column, rope), key))
+            if rope and sweep.finetune:
+                from transformer.config import apply_overrides
+
+                ft = with_init(apply_overrides(dataclasses.replace(cfg, run_dir=""), sweep.finetune), cfg.run_dir)
+                ft = harness.sweep_run_config(ft, sweep.finetune_label, seed, runs_dir)
+                key = {"lengths": sweep.lengths, "sequences": sweep.eval_sequences}
+                perplexity.append(harness.Job(sweep.finetune_label, seed, ft,
+                                              measure_perplexity(sweep, sweep.finetune_label, False), key))
+        for column in [c for c in sweep.encodings if c not in sweep.passkey_skip] if sweep.passkey else ():
+            init_from = ""
+            for stage, overrides in enumerate(sweep.passkey_curriculum):
+                cfg = encoding_config(sweep, column, (*sweep.passkey, *overrides))
+                cfg = harness.sweep_run_config(with_init(cfg, init_from), f"passkey {column} stage {stage}", seed,
+                                               runs_dir)
+                passkey.append(harness.Job(f"{column} stage {stage}", seed, cfg, lambda cfg: [], "stage"))
+                init_from = cfg.run_dir
+            cfg = encoding_config(sweep, column, sweep.passkey)
+            cfg = harness.sweep_run_config(with_init(cfg, init_from), f"passkey {column}", seed, runs_dir)
+            lengths = [cfg.data.seq_len * f for f in sweep.passkey_factors]
+            key = {"lengths": lengths, "depths": sweep.passkey_depths, "trials": sweep.passkey_trials}
+            passkey.append(harness.Job(column, seed, cfg, measure_passkey(sweep, column, lengths), key))
+    return perplexity, passkey
 
 
-def timed_evaluation(fn, *args, **kwargs):
-    started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    SECONDS["evaluate"] += time.perf_counter() - started
-    return result
+def with_init(cfg, init_from: str):
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=init_from))
 
 
 def single_device_mesh():
@@ -107,97 +170,77 @@ def single_device_mesh():
     return sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def perplexity_rows(p: Preset, runs: Path, encodings: list[str], overrides: list[str]) -> list[dict]:
-    from transformer.evaluate import load_model, perplexity_at_lengths
+def measure_perplexity(sweep: Sweep, method: str, rope: bool):
+    """The `measure` of a perplexity job: rows of (method, length, perplexity, loss); for the rope column also the
+    sliding-window and inference-time-scaling methods."""
 
-    mesh = single_device_mesh()
-    lengths = [p.train_len * f for f in p.factors]
-    rows = []
+    def measure(cfg) -> list[dict]:
+        from transformer.evaluate import load_model, perplexity_at_lengths
 
-    def record(method: str, results: list[dict]) -> None:
-        for r in results:
-            rows.append({"method": method, "length": r["length"], "perplexity": r["perplexity"], "loss": r["loss"]})
-        print(f"  {method:>24}: " + "  ".join(f"{r['length']}:{r['perplexity']:.2f}" for r in results), flush=True)
+        mesh = single_device_mesh()
+        loaded = load_model(cfg.run_dir, mesh=mesh)
+        rows = []
 
-    for encoding in encodings:
-        cfg = base_config(p, encoding, runs / encoding, overrides)
-        train_run(cfg)
-        loaded = load_model(str(runs / encoding), mesh=mesh)
-        record(encoding, timed_evaluation(perplexity_at_lengths, loaded, lengths, p.eval_sequences, mesh=mesh))
-        if encoding != "rope":
-            continue
-        record("rope + sliding window", timed_evaluation(perplexity_at_lengths, loaded, lengths, p.eval_sequences,
-                                                          mode="sliding", mesh=mesh))
-        for scaling in ROPE_SCALINGS:
+        def record(name: str, results: list[dict]) -> None:
+            rows.extend({"method": name, "length": r["length"], "perplexity": r["perplexity"], "loss": r["loss"]}
+                        for r in results)
+
+        record(method, perplexity_at_lengths(loaded, sweep.lengths, sweep.eval_sequences, mesh=mesh))
+        if rope and sweep.sliding_window:
+            record(f"{method} + sliding window", perplexity_at_lengths(
+                loaded, sweep.lengths, sweep.eval_sequences, mode="sliding", mesh=mesh))
+        for scaling in sweep.rope_scalings if rope else ():
             results = []
-            for length in lengths:
-                factor = max(length / p.train_len, 1.0)
-                model_cfg = dataclasses.replace(loaded.cfg.model, rope_scaling=scaling, rope_scaling_factor=factor)
-                results += timed_evaluation(perplexity_at_lengths, loaded, [length], p.eval_sequences,
-                                            model_cfg=model_cfg, mesh=mesh)
-            record(f"rope + {scaling}", results)
+            for length in sweep.lengths:
+                model_cfg = dataclasses.replace(loaded.cfg.model, rope_scaling=scaling,
+                                                rope_scaling_factor=max(length / sweep.train_len, 1.0))
+                results += perplexity_at_lengths(loaded, [length], sweep.eval_sequences, model_cfg=model_cfg,
+                                                 mesh=mesh)
+            record(f"{method} + {scaling}", results)
+        return rows
 
-        finetune_len = 4 * p.train_len
-        ft = base_config(p, "rope", runs / "rope_yarn_finetune", overrides)
-        ft = dataclasses.replace(
-            ft,
-            model=dataclasses.replace(ft.model, rope_scaling="yarn", rope_scaling_factor=4.0),
-            data=dataclasses.replace(ft.data, seq_len=finetune_len, global_batch_size=max(p.batch // 4, 1)),
-            optim=dataclasses.replace(ft.optim, warmup_steps=10, lr=p.lr / 4),
-            checkpoint=dataclasses.replace(ft.checkpoint, init_from=str(runs / "rope")),
-            steps=p.finetune_steps,
-        ).validate()
-        train_run(ft)
-        record("rope + yarn fine-tune 4L", timed_evaluation(perplexity_at_lengths, str(runs / "rope_yarn_finetune"),
-                                                             lengths, p.eval_sequences, mesh=mesh))
-    return rows
+    return measure
 
 
-def passkey_rows(p: Preset, runs: Path, encodings: list[str], overrides: list[str]) -> tuple[list[dict], int]:
-    """(one row per encoding, length and depth; the number of key digits)."""
-    from transformer.evaluate import passkey_accuracy
+def measure_passkey(sweep: Sweep, method: str, lengths: list[int]):
+    """The `measure` of a passkey job: one row per (length, depth) with accuracy and digit accuracy."""
 
-    mesh = single_device_mesh()
-    lengths = [p.passkey_len * f for f in p.passkey_factors]
-    rows = []
-    for encoding in encodings:
-        cfg = base_config(p, encoding, runs / f"passkey_{encoding}", overrides)
-        cfg = dataclasses.replace(
-            cfg,
-            model=dataclasses.replace(cfg.model,
-                                      max_seq_len=max(lengths) if encoding == "learned" else p.passkey_len),
-            data=dataclasses.replace(cfg.data, dataset="passkey", seq_len=p.passkey_len,
-                                     global_batch_size=p.passkey_batch),
-            optim=dataclasses.replace(cfg.optim, warmup_steps=p.passkey_warmup),
-            checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=max(p.passkey_steps // 4, 1)),
-            steps=p.passkey_steps,
-        ).validate()
-        train_run(cfg)
-        results = timed_evaluation(passkey_accuracy, str(runs / f"passkey_{encoding}"), lengths, DEPTHS,
-                                   p.passkey_trials, mesh=mesh)
-        for r in results:
-            rows.append({"method": encoding, "length": r["length"], "depth": r["depth"], "accuracy": r["accuracy"],
-                         "digit_accuracy": r["digit_accuracy"]})
-        print(f"  passkey {encoding:>10}: " + "  ".join(
-            f"{length}:{sum(r['accuracy'] for r in results if r['length'] == length) / len(DEPTHS):.2f}"
-            for length in lengths), flush=True)
-    return rows, cfg.data.passkey_digits
+    def measure(cfg) -> list[dict]:
+        from transformer.evaluate import passkey_accuracy
+
+        results = passkey_accuracy(cfg.run_dir, lengths, sweep.passkey_depths, sweep.passkey_trials,
+                                   mesh=single_device_mesh())
+        return [{"method": method, "length": r["length"], "depth": r["depth"], "accuracy": r["accuracy"],
+                 "digit_accuracy": r["digit_accuracy"]} for r in results]
+
+    return measure
+
+
+def seeded_rows(finished: list[harness.Finished]) -> list[dict]:
+    return [{"seed": f.job.seed} | row for f in finished for row in f.rows]
 
 
 # ---------------------------------------------------------------- outputs
 
 
-def pivot_markdown(rows: list[dict], row_key: str, col_key: str, value_key: str, fmt: str) -> str:
-    row_values = sorted({r[row_key] for r in rows})
-    columns = list(dict.fromkeys(r[col_key] for r in rows))
-    cell = {(r[row_key], r[col_key]): r[value_key] for r in rows}
-    table = [[rv] + [format(cell[(rv, c)], fmt) if (rv, c) in cell else "" for c in columns] for rv in row_values]
+def pivot_markdown(summary: list[dict], row_key: str, col_key: str, value: str, fmt: str) -> str:
+    """A `row_key` x `col_key` table of "mean ± std" cells of `value` from `harness.over_seeds` rows."""
+    row_values = list(dict.fromkeys(r[row_key] for r in summary))
+    columns = list(dict.fromkeys(r[col_key] for r in summary))
+    cell = {(r[row_key], r[col_key]): r for r in summary}
+
+    def text(r: dict | None) -> str:
+        if r is None:
+            return ""
+        return harness.mean_pm_std(r[f"{value}_seeds"], fmt)
+
+    table = [[rv] + [text(cell.get((rv, c))) for c in columns] for rv in row_values]
     return harness.markdown_table([row_key, *columns], table, align="---:")
 
 
 def line_styles(methods: list[str]) -> dict[str, dict]:
-    """A distinct colour per line (tab10, then black); solid for the encodings, a distinct dash pattern and
-    marker for each variant of one ("rope + ...")."""
+    """A distinct colour per line (tab10, then black and gold); solid for the encodings, a distinct dash pattern
+    and marker for each variant of one ("rope + ...")."""
     import matplotlib
 
     colours = list(matplotlib.colormaps["tab10"].colors) + ["black", "gold"]
@@ -216,19 +259,26 @@ def line_styles(methods: list[str]) -> dict[str, dict]:
     return styles
 
 
-def plot_perplexity(rows: list[dict], train_len: int, path: Path) -> None:
+def plot_perplexity(summary: list[dict], train_len: int, seeds: int, path: Path) -> None:
+    """Mean perplexity against length per method, with a band from mean - std to mean + std over seeds."""
     import matplotlib.ticker
 
     plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in summary))
     for method, style in line_styles(methods).items():
-        points = sorted((r["length"], r["perplexity"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points), label=method, markersize=4, linewidth=1.4, **style)
+        points = sorted((r["length"], r["perplexity_mean"], r["perplexity_std"]) for r in summary
+                        if r["method"] == method)
+        lengths, means, stds = zip(*points)
+        ax.plot(lengths, means, label=method, markersize=4, linewidth=1.4, **style)
+        if seeds > 1:
+            ax.fill_between(lengths, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=style["color"], alpha=0.15, linewidth=0)
     ax.axvline(train_len, color="grey", linewidth=0.8)
+    band = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="held-out perplexity",
-           title=f"Length extrapolation (trained at L={train_len})")
-    lengths = sorted({r["length"] for r in rows})
+           title=f"Length extrapolation (trained at L={train_len}{band})")
+    lengths = sorted({r["length"] for r in summary})
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -237,72 +287,90 @@ def plot_perplexity(rows: list[dict], train_len: int, path: Path) -> None:
     harness.save_figure(fig, path)
 
 
-def plot_passkey(rows: list[dict], train_len: int, path: Path) -> None:
+def plot_passkey(summary: list[dict], train_len: int, seeds: int, path: Path) -> None:
+    """Depth x length heatmaps of accuracy per encoding: mean over seeds, "± std" under each cell."""
     import numpy as np
 
     plt = harness.pyplot()
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    lengths = sorted({r["length"] for r in summary})
+    depths = sorted({r["depth"] for r in summary})
+    cell = {(r["method"], r["length"], r["depth"]): r for r in summary}
+    fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3.2), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        grid = np.array([[next(r["accuracy"] for r in rows if r["method"] == method and r["length"] == length
-                               and r["depth"] == depth) for length in lengths] for depth in DEPTHS])
-        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-        ax.set(title=method, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(DEPTHS)),
-               yticklabels=DEPTHS, xlabel="length")
-        for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.5 else "k", fontsize=7)
+        mean = np.array([[cell[method, n, d]["accuracy_mean"] for n in lengths] for d in depths])
+        std = np.array([[cell[method, n, d]["accuracy_std"] for n in lengths] for d in depths])
+        ax.imshow(mean, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set(title=method, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
+               yticklabels=depths, xlabel="length")
+        for (i, j), value in np.ndenumerate(mean):
+            label = f"{value:.2f}" if seeds < 2 else f"{value:.2f}\n±{std[i, j]:.2f}"
+            ax.text(j, i, label, ha="center", va="center", color="w" if value < 0.5 else "k", fontsize=6)
     axes[0][0].set_ylabel("depth")
-    fig.suptitle(f"Passkey retrieval accuracy (trained at L={train_len})", fontsize=10)
+    over = f", mean over {seeds} seeds" if seeds > 1 else ""
+    fig.suptitle(f"Passkey retrieval accuracy (trained at L={train_len}{over})", fontsize=10)
     harness.save_figure(fig, path)
 
 
-def write_perplexity(rows: list[dict], p: Preset, results_dir: Path) -> str:
-    table = pivot_markdown(rows, "length", "method", "perplexity", ".2f")
-    harness.write_results(results_dir, "perplexity", rows, table)
-    plot_perplexity(rows, p.train_len, results_dir / "perplexity.png")
+def write_perplexity(rows: list[dict], sweep: Sweep, results_dir: Path) -> str:
+    summary = harness.over_seeds(rows, ["method", "length"], ["perplexity", "loss"])
+    table = pivot_markdown(summary, "length", "method", "perplexity", ".2f")
+    note = (f"Held-out perplexity, trained at L={sweep.train_len}; mean ± std over {sweep.seeds} seeds "
+            f"(seeds 0..{sweep.seeds - 1}; per-seed values in perplexity.csv).\n\n")
+    harness.write_results(results_dir, "perplexity", rows, note + table)
+    harness.write_csv(results_dir / "perplexity_summary.csv", summary)
+    plot_perplexity(summary, sweep.train_len, sweep.seeds, results_dir / "perplexity.png")
     return table
 
 
-def write_passkey(rows: list[dict], digits: int, p: Preset, results_dir: Path) -> str:
+def write_passkey(rows: list[dict], sweep: Sweep, train_len: int, results_dir: Path) -> str:
     import numpy as np
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lengths = sorted({r["length"] for r in rows})
-
-    def mean(method: str, length: int, key: str) -> float:
-        return float(np.mean([r[key] for r in rows if r["method"] == method and r["length"] == length]))
-
-    means = [{"method": m, "length": n, "accuracy": mean(m, n, "accuracy"),
-              "digit_accuracy": mean(m, n, "digit_accuracy")} for m in methods for n in lengths]
-    table = pivot_markdown(means, "length", "method", "accuracy", ".2f")
-    digit_table = pivot_markdown(means, "length", "method", "digit_accuracy", ".2f")
-    by_depth = [dict(r, **{"method, depth": f"{r['method']}, {r['depth']}"}) for r in rows]
-    depth_table = pivot_markdown(by_depth, "method, depth", "length", "accuracy", ".2f")
+    by_depth = harness.over_seeds(rows, ["method", "length", "depth"], ["accuracy", "digit_accuracy"])
+    per_seed = [{"method": m, "length": n, "seed": s} | {
+        key: float(np.mean([r[key] for r in rows if (r["method"], r["length"], r["seed"]) == (m, n, s)]))
+        for key in ("accuracy", "digit_accuracy")}
+        for m, n, s in dict.fromkeys((r["method"], r["length"], r["seed"]) for r in rows)]
+    summary = harness.over_seeds(per_seed, ["length", "method"], ["accuracy", "digit_accuracy"])
+    table = pivot_markdown(summary, "length", "method", "accuracy", ".2f")
+    digit_table = pivot_markdown(summary, "length", "method", "digit_accuracy", ".2f")
+    labelled = [dict(r, **{"method, depth": f"{r['method']}, {r['depth']}"}) for r in by_depth]
+    depth_table = pivot_markdown(labelled, "method, depth", "length", "accuracy", ".2f")
+    depths = ", ".join(map(str, sweep.passkey_depths))
     harness.write_results(results_dir, "passkey", rows, (
-        f"Passkey retrieval, trained at L={p.passkey_len}, {p.passkey_trials} trials per (length, depth).\n\n"
-        f"Accuracy (all {digits} digits right), mean over depths {', '.join(map(str, DEPTHS))}:\n\n{table}\n"
-        f"Digit accuracy (chance 0.10), mean over depths:\n\n{digit_table}\n"
+        f"Passkey retrieval, trained at L={train_len}, {sweep.passkey_trials} prompts per (length, depth); "
+        f"mean ± std over {sweep.seeds} seeds of each seed's mean over depths {depths}.\n\n"
+        f"Accuracy (every digit right):\n\n{table}\n"
+        f"Digit accuracy (chance 0.10):\n\n{digit_table}\n"
         f"Accuracy by depth (0 = key at the start of the filler, 1 = just before the question):\n\n{depth_table}"))
-    plot_passkey(rows, p.passkey_len, results_dir / "passkey.png")
+    harness.write_csv(results_dir / "passkey_summary.csv", summary)
+    plot_passkey(by_depth, train_len, sweep.seeds, results_dir / "passkey.png")
     return table
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    p = PRESETS[args.preset]
-    encodings = args.encodings.split(",")
-    started = time.perf_counter()
+    return harness.main_exit_code(lambda: run(args))
 
-    print(f"perplexity sweep ({args.preset}): train at L={p.train_len}", flush=True)
-    rows = perplexity_rows(p, args.runs_dir, encodings, args.overrides)
-    print(write_perplexity(rows, p, args.results_dir))
-    if not args.skip_passkey:
-        print(f"passkey sweep ({args.preset}): train at L={p.passkey_len}", flush=True)
-        rows, digits = passkey_rows(p, args.runs_dir, encodings, args.overrides)
-        print(write_passkey(rows, digits, p, args.results_dir))
-    print(f"done in {time.perf_counter() - started:.0f} s (summed per run: training {SECONDS['train']:.0f} s, "
-          f"evaluation {SECONDS['evaluate']:.0f} s); results in {args.results_dir}")
+
+def run(args: argparse.Namespace) -> int:
+    sweep: Sweep = args.sweep
+    started = time.perf_counter()
+    perplexity_jobs, passkey_jobs = jobs(sweep, args.runs_dir)
+    print(f"positional-encoding sweep {args.sweep_file}: {len(perplexity_jobs) + len(passkey_jobs)} runs "
+          f"({sweep.seeds} seeds), results to {args.results_dir}", flush=True)
+    finished = harness.run_jobs(perplexity_jobs + passkey_jobs, "pe sweep")
+    done_perplexity, done_passkey = finished[:len(perplexity_jobs)], finished[len(perplexity_jobs):]
+    print(write_perplexity(seeded_rows(done_perplexity), sweep, args.results_dir))
+    if passkey_jobs:
+        print(write_passkey(seeded_rows(done_passkey), sweep, passkey_length(sweep), args.results_dir))
+    seconds = time.perf_counter() - started
+    harness.write_manifest(args.results_dir, sweep=sweep, sweep_file=args.sweep_file, finished=finished,
+                           seconds=seconds)
+    train = sum(f.train_seconds for f in finished)
+    measure = sum(f.measure_seconds for f in finished)
+    print(f"done in {seconds:.0f} s (summed per run: training {train:.0f} s, evaluation {measure:.0f} s); "
+          f"results in {args.results_dir}")
     return 0
 
 

@@ -6,6 +6,8 @@
 #
 # Every argument after the launcher's own options goes to `python -m transformer.train`
 # ([--preset NAME | --config FILE.py] [key.sub=value ...]). PYTHON overrides the interpreter (default: .venv/bin/python).
+# The exit code is train's: 0 done, 75 preempted (SIGTERM/SIGINT, state saved: run the same command again to
+# continue), 1 non-finite loss or failed save, 2 config error (transformer.distributed.PREEMPTED_EXIT_CODE etc.).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

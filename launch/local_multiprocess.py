@@ -9,7 +9,9 @@ Everything after `--` goes to `python -m transformer.train` (or `--module`). Eac
 TRANSFORMER_COORDINATOR / TRANSFORMER_NUM_PROCESSES / TRANSFORMER_PROCESS_ID (read by
 transformer.distributed.initialize); output lines are prefixed with [pN]. If any process fails,
 the others get SIGTERM (the train loop saves a checkpoint and stops), SIGKILL after --grace
-seconds, and the launcher exits with the failed process's exit code.
+seconds, and the launcher exits with the failed process's exit code. SIGTERM or SIGINT to the
+launcher is passed on as SIGTERM to every process: they save the same step and exit with 75
+(PREEMPTED_EXIT_CODE), which the launcher passes through; run the same command again to continue.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PREEMPTED_EXIT_CODE = 75  # transformer.distributed.PREEMPTED_EXIT_CODE: stopped after saving; rerunning continues
 
 
 def free_port() -> int:
@@ -81,23 +84,36 @@ def launch(args, forwarded: list[str]) -> int:
         thread = threading.Thread(target=pump, args=(rank, proc.stdout, sys.stdout), daemon=True)
         thread.start()
         pumps.append(thread)
+    signalled = threading.Event()
+
+    def preempt(signum, frame):
+        signalled.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, preempt) for signum in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     try:
         while [proc.poll() for proc in procs].count(None):
             failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode not in (None, 0)]
-            if failed:
+            if failed and not signalled.is_set():  # once signalled, every process is saving: wait for all
                 rank, status = failed[0]
-                sys.stderr.write(f"local_multiprocess: process {rank} exited with code {status}; "
+                what = " (preempted: its state is saved)" if status == PREEMPTED_EXIT_CODE else ""
+                sys.stderr.write(f"local_multiprocess: process {rank} exited with code {status}{what}; "
                                  "stopping the others\n")
                 break
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        status = 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     stop(procs, args.grace)
     for thread in pumps:
         thread.join(timeout=5)
     if status == 0:
-        status = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
+        codes = [proc.returncode for proc in procs]
+        status = next((code for code in codes if code not in (0, PREEMPTED_EXIT_CODE)),
+                      PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0)
     return status
 
 

@@ -13,6 +13,10 @@
 # Needs gcloud, authenticated, on the machine you run this from. Put run_dir on GCS (gs://...) so
 # checkpoints survive preemption: every attempt resumes from the latest checkpoint. jax.distributed
 # finds the coordinator and worker ids itself (TRANSFORMER_DISTRIBUTED=tpu).
+# Exit codes of training: 0 is done (this script stops); 75 (transformer.distributed.PREEMPTED_EXIT_CODE:
+# SIGTERM, e.g. a maintenance event, state saved) starts the next attempt at once without counting it
+# against --retries; anything else is a failure: the TPU's state is checked (re-created if it was
+# preempted) and training is retried after --retry-wait, at most --retries times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,20 +77,29 @@ recreate() {
 
 [[ "$setup" == 1 ]] && push_code
 
-attempt=0
+preempted=75  # transformer.distributed.PREEMPTED_EXIT_CODE
+
+attempt=0 failures=0
 while true; do
   attempt=$((attempt + 1))
   echo "tpu_pod.sh: attempt $attempt on $tpu: python -m transformer.train$train_args"
-  if on_all_workers "$remote_train"; then
+  status=0
+  on_all_workers "$remote_train" || status=$?
+  if [[ "$status" -eq 0 ]]; then
     echo "tpu_pod.sh: training finished"
     exit 0
   fi
-  if [[ "$attempt" -gt "$retries" ]]; then
+  if [[ "$status" -eq "$preempted" && "$(state)" == READY ]]; then
+    echo "tpu_pod.sh: attempt $attempt was preempted after saving its state; resuming"
+    continue
+  fi
+  failures=$((failures + 1))
+  if [[ "$failures" -gt "$retries" ]]; then
     echo "tpu_pod.sh: giving up after $attempt attempts" >&2
     exit 1
   fi
   current=$(state)
-  echo "tpu_pod.sh: attempt $attempt failed; TPU state: $current"
+  echo "tpu_pod.sh: attempt $attempt failed (exit code $status); TPU state: $current"
   case "$current" in
     PREEMPTED|TERMINATED|STOPPED)
       if [[ -n "$accelerator" ]]; then

@@ -23,8 +23,8 @@ def test_both_loops_run_and_their_breakdowns_add_up(tmp_path):
         assert row["steps_per_s"] == pytest.approx(1e3 / row["step_ms"])
         assert 0 < row["data_ms"] + row["host_ms"] + row["wait_ms"] <= row["step_ms"] * (1 + 1e-9)
         assert 0 < row["host_fraction"] < 1
-        # tokens/s leaves out the time of checkpoint checks
-        assert row["tokens_per_s"] == pytest.approx(8 * 32 * row["steps_per_s"], rel=1e-3)
+        # tokens/s leaves out the time of checkpoint checks (and saves), so it is at least batch x length x steps/s
+        assert 8 * 32 * row["steps_per_s"] * (1 - 1e-3) <= row["tokens_per_s"] <= 8 * 32 * row["steps_per_s"] * 1.05
     with open(tmp_path / "results" / "loop.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert "| tiny | asynchronous |" in (tmp_path / "results" / "loop.md").read_text()

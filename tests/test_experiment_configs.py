@@ -99,10 +99,12 @@ BAD_ARGUMENTS = {  # script: {arguments: the error they give}
                      "--check-len 24": r"--check-len has 24.*multiple of 16",
                      "--ring 0": r"--ring 0 must be >= 1",
                      "--lengths 8k": r"'8k' is not a comma-separated list of integers"},
-    "moe_routing": {"--groups coef,topk": r"unknown group 'topk'",
-                    "--coefs 0,-1": r"coefficients >= 0",
-                    "--coefs 1e-2,x": r"not a comma-separated list of numbers"},
-    "pe_extrapolation": {"--encodings rope,xpos": r"unknown encoding 'xpos'"},
+    "moe_routing": {"--only softmax_topk_e8_k2_lb0,topk": r"--only 'topk' is not a run of this sweep",
+                    "--seeds 0": r"--seeds 0 must be >= 1",
+                    "model.moe.router=top1": r"moe.router='top1' is not valid",
+                    "--sweep missing.py": r"--sweep 'missing.py': no such Python file"},
+    "pe_extrapolation": {"--only rope,xpos": r"--only 'xpos' is not an encoding of this sweep",
+                         "steps=x": r"steps='x': expected an integer"},
 }
 
 
@@ -112,3 +114,30 @@ def test_script_rejects_bad_arguments_before_running(name, arguments, match, cap
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args(arguments.split())
     assert re.search(match, capsys.readouterr().err)
+
+
+SWEEP_FILES = sorted((CONFIG_DIR / "sweeps").glob("*.py"))
+SWEEP_SCRIPTS = {"pe": "pe_extrapolation", "moe": "moe_routing"}
+
+
+def test_every_sweep_preset_names_a_sweep_file():
+    named = {Path(preset.sweep).name for name in SWEEP_SCRIPTS.values()
+             for preset in importlib.import_module(name).PRESETS.values()}
+    assert named == {p.name for p in SWEEP_FILES}
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_sweep_file_loads_and_states_its_commands(path):
+    relative = path.relative_to(CONFIG_DIR.parents[1]).as_posix()
+    name = SWEEP_SCRIPTS[path.stem.split("_")[0]]
+    script = importlib.import_module(name)
+    doc = load_doc(path)
+    commands = [line.split("#")[0].split() for line in doc.splitlines()
+                if line.strip().startswith(f"python experiments/{name}.py")]
+    assert commands and any(relative in command or "--preset" in command for command in commands)
+    for command in commands:
+        args = script.parse_args(command[2:])  # every documented command parses, loads and validates its sweep
+        assert isinstance(args.sweep, script.Sweep) and args.sweep.seeds >= 1
+        for job in [j for group in [script.jobs(args.sweep, Path("runs"))] for j in
+                    (group[0] + group[1] if isinstance(group, tuple) else group)]:
+            job.cfg.validate()

@@ -107,13 +107,15 @@ def _np_sinusoid(pos, d):
     return out
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
-def test_embedding_adds_absolute_positions(position):
-    embed = Embed(cfg_with(position=position), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("position, embed_scale, multiplier", [
+    ("learned", "auto", math.sqrt(D)), ("sinusoidal", "auto", math.sqrt(D)), ("rope", "auto", 1.0),
+    ("sinusoidal", "none", 1.0), ("rope", "sqrt_d", math.sqrt(D)), ("alibi", "auto", 1.0), ("nope", "auto", 1.0)])
+def test_embedding_scales_tokens_then_adds_absolute_positions(position, embed_scale, multiplier):
+    embed = Embed(cfg_with(position=position, embed_scale=embed_scale), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, (B, L)).astype(np.int32)
     positions = rng.integers(0, 32, (B, L)).astype(np.int32)
-    want = arr(embed.tokens_VD)[tokens]
+    want = arr(embed.tokens_VD)[tokens] * multiplier
     if position == "learned":
         want = want + arr(embed.position_table)[positions]
     elif position == "sinusoidal":
@@ -134,7 +136,7 @@ def test_learned_positions_beyond_table_raise():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_output_projection_tied_or_untied(tied):
-    embed = Embed(cfg_with(tie_embeddings=tied), rngs=nnx.Rngs(0))
+    embed = Embed(cfg_with(tie_embeddings=tied, position="sinusoidal"), rngs=nnx.Rngs(0))  # input scaled, output not
     h = x_BLD()
     w = arr(embed.tokens_VD).T if tied else arr(embed.unembed_DV)
     assert (embed.unembed_DV is None) == tied

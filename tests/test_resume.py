@@ -190,7 +190,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, reference):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 75, output[-3000:]  # distributed.PREEMPTED_EXIT_CODE: saved, rerun to continue
     assert "preempted" in output
     stopped_at = max(metrics_by_step(run_dir))
     assert 7 <= stopped_at < STEPS

@@ -6,7 +6,8 @@ Layout of a run directory::
     run_dir/checkpoints/<step>/state    the full nnx state (params, optimizer, rng, router biases)
     run_dir/checkpoints/<step>/config   the config that wrote the checkpoint
     run_dir/checkpoints/<step>/meta     step, process and device counts, library versions
-    run_dir/checkpoints_skipped/        incomplete or unreadable checkpoints moved aside on resume
+    run_dir/checkpoints/<step>/checksums  a 64-bit digest of every saved array, verified on restore
+    run_dir/checkpoints_skipped/        incomplete, unreadable or corrupt checkpoints moved aside on resume
 
 Usage in a training loop (every process makes the same calls)::
 
@@ -22,14 +23,24 @@ Usage in a training loop (every process makes the same calls)::
 
 The saved step is the number of completed optimizer steps, which is also the data
 position (batches are indexed by step).
+
+Integrity: each array's digest (`array_digests`: its bits, position-weighted, summed modulo 2**32, so any
+mesh gives the same value and any single flipped bit changes it) is computed on the devices before the
+save and committed with it. A restored array whose digest differs makes the checkpoint corrupt: it is
+skipped like a partial one. With cfg.nan_guard, a state holding NaN or inf is never saved
+(NonFiniteStateError). A failed save (e.g. a full disk) raises SaveError at the next `check_saves` or
+`maybe_save`, in one line; orbax's own tracebacks of it are not logged.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
+import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -37,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -47,6 +59,7 @@ CHECKPOINTS = "checkpoints"
 SKIPPED = "checkpoints_skipped"
 CONFIG_FILE = "config.json"
 COMMIT_FILE = "commit_success.txt"
+CHECKSUMS = "checksums"
 
 # Config fields (paths of field names; a section covers all its fields) that may change when a run is
 # resumed: they do not change what the checkpoint holds or which batch comes next (mesh changes reshard
@@ -61,6 +74,33 @@ RESUMABLE_FIELDS = (
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped or moved aside."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the message names the step and the cause."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The state to save holds NaN or inf values; nothing was saved."""
+
+
+class _OrbaxTracebacks(logging.Filter):
+    """Drops orbax's logged tracebacks: every read or write failure they describe reaches the caller as one
+    warning or error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax_tracebacks() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxTracebacks) for f in logger.filters):
+        logger.addFilter(_OrbaxTracebacks())
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 # ---------------------------------------------------------------- config comparison
@@ -172,6 +212,79 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# ---------------------------------------------------------------- array digests
+
+
+def _words(x):
+    """The bits of `x` as uint32 words: one per element of up to 4 bytes, two (a trailing axis) per 8-byte one."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = x.dtype.itemsize
+    if width == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _mix(z):
+    """murmur3's 32-bit finaliser."""
+    z = (z ^ (z >> 16)) * jnp.uint32(0x85EBCA6B)
+    z = (z ^ (z >> 13)) * jnp.uint32(0xC2B2AE35)
+    return z ^ (z >> 16)
+
+
+def _digest(x):
+    """([sum_i w_i (2i + 1), sum_i mix(w_i ^ i * golden)] mod 2**32 over the words w_i at row-major index i,
+    whether every element is finite). Integer sums do not depend on the order of the reduction, so the
+    digest is the same on any sharding; the odd weights make every single-bit change visible."""
+    words = _words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    first = jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    second = jnp.sum(_mix(words ^ (index * jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    inexact = not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and jnp.issubdtype(x.dtype, jnp.inexact)
+    return jnp.stack([first, second]), (jnp.all(jnp.isfinite(x)) if inexact else jnp.bool_(True))
+
+
+_digests = jax.jit(lambda arrays: [_digest(x) for x in arrays])
+
+
+def array_digests(tree) -> tuple[dict[str, str], list[str]]:
+    """({"a/b": 16 hex digits} for each array of `tree` (a nested dict of arrays, e.g. a pure state), the
+    paths of floating arrays holding NaN or inf). Computed on the arrays' devices (a collective with
+    several processes: call it on every process)."""
+    flat = {"/".join(path): leaf for path, leaf in _flat_paths(tree).items()}
+    groups: dict[frozenset, list[str]] = {}
+    for path, leaf in flat.items():
+        devices = getattr(leaf, "sharding", None)
+        groups.setdefault(frozenset(devices.device_set) if devices is not None else frozenset(), []).append(path)
+    digests, non_finite = {}, []
+    for paths in groups.values():
+        results = jax.device_get(_digests([flat[path] for path in paths]))
+        for path, (words, finite) in zip(paths, results):
+            digests[path] = f"{int(words[0]):08x}{int(words[1]):08x}"
+            if not finite:
+                non_finite.append(path)
+    return digests, sorted(non_finite)
+
+
+def _digest_mismatch(restored: dict, saved: dict[str, str] | None) -> str | None:
+    """Why the restored arrays do not match the digests saved with them (None: they do, or none were saved)."""
+    if saved is None:
+        return None
+    got, _ = array_digests(restored)
+    bad = [path for path, digest in got.items() if saved.get(path, digest) != digest]
+    if not bad:
+        return None
+    return (f"checksum mismatch in {len(bad)} array{'s' if len(bad) > 1 else ''} ({', '.join(bad[:3])}): "
+            "the files changed after they were saved")
+
+
 # ---------------------------------------------------------------- step directories
 
 
@@ -200,7 +313,27 @@ def _missing_parts(step_dir: Path) -> str | None:
 def _step_checkpointer(state_handler) -> ocp.Checkpointer:
     """Reads one step directory outside a CheckpointManager (for init_from)."""
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-        state=state_handler, config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+        state=state_handler, config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
+        checksums=ocp.JsonCheckpointHandler()))
+
+
+def _checksums_arg(step_dir: Path) -> dict:
+    """The restore argument of the checksums item, if the checkpoint has one (those written before checksums
+    existed do not)."""
+    return {CHECKSUMS: ocp.args.JsonRestore()} if (step_dir / CHECKSUMS).is_dir() else {}
+
+
+def _run_dir_problem(run_dir: Path) -> str | None:
+    """Why checkpoints cannot be written under `run_dir` (created if missing), or None."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return "is a file, not a directory"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e})"
+    return None
 
 
 # ---------------------------------------------------------------- Checkpointer
@@ -216,6 +349,11 @@ class Checkpointer:
         self.cfg = cfg
         self.config = config
         self._config_json = json.loads(config.to_json())
+        problem = _problem_anywhere(_run_dir_problem(self.run_dir))
+        if problem:
+            raise ConfigError(f"run_dir={str(self.run_dir)!r} {problem}; give a writable directory "
+                              "(it is created if missing)")
+        _quiet_orbax_tracebacks()
         self._check_run_dir()
         self._write_config_json()
         policies = [ocp.checkpoint_managers.LatestN(cfg.keep_last)]
@@ -229,9 +367,10 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory.absolute(), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+                           "meta": ocp.JsonCheckpointHandler(), CHECKSUMS: ocp.JsonCheckpointHandler()})
         self._last_save_time = time.monotonic()
         self._last_saved_step = self._manager.latest_step()
+        self._saving_step: int | None = None  # the step of the save in flight (async) or last started
 
     def _check_run_dir(self) -> None:
         """Refuse a run_dir whose config.json or newest readable checkpoint is from a different run."""
@@ -288,8 +427,10 @@ class Checkpointer:
                 _check_same_run(saved_config, self.config, f"checkpoint {str(step_dir)!r}")
                 _check_same_layout(step_dir, abstract_pure)
                 try:
-                    restored = self._manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_pure))).state
+                    items = self._manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_pure), **_checksums_arg(step_dir)))
+                    restored = items.state
+                    problem = _digest_mismatch(restored, items.get(CHECKSUMS))
                 except Exception as e:
                     problem = f"unreadable state ({type(e).__name__}: {str(e)[:500]})"
                 problem = _problem_anywhere(problem)
@@ -303,9 +444,9 @@ class Checkpointer:
             self._last_saved_step = step
             return _from_pure(abstract_state, restored), step
         if skipped:
-            raise ValueError(f"no restorable checkpoint in {self.directory}: all of "
-                             f"{', '.join(p.name for p in skipped)} are incomplete or corrupt (see warnings); "
-                             "move them away to start the run from scratch")
+            raise ConfigError(f"no restorable checkpoint in {self.directory}: all of "
+                              f"{', '.join(p.name for p in skipped)} are incomplete or corrupt (see the warnings); "
+                              "move them away to start the run from scratch")
         self._set_aside(_temporary_dirs(self.directory))
         return None
 
@@ -348,30 +489,58 @@ class Checkpointer:
         With checkpoint.async_save the write continues in the background; the arrays are
         copied off the device before this returns, so `state` may be donated afterwards.
         """
+        self.check_saves()
         if not self.should_save(step, force=force):
             return False
+        pure = _to_pure(state)
+        digests, non_finite = array_digests(pure)
+        if non_finite and self.config.nan_guard:
+            saved = self.all_steps()
+            raise NonFiniteStateError(
+                f"step {step}: refusing to save a state with NaN or inf in {len(non_finite)} arrays "
+                f"({', '.join(non_finite[:3])}); last checkpoint: {saved[-1] if saved else 'none'}")
         meta = {"step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count(),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": {"jax": jax.__version__, "orbax": ocp.__version__}}
-        saved = self._manager.save(
-            step, force=True,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_to_pure(state)),
-                                    config=ocp.args.JsonSave(self._config_json),
-                                    meta=ocp.args.JsonSave(meta)))
+        self._saving_step = step
+        try:
+            saved = self._manager.save(
+                step, force=True,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(pure),
+                                        config=ocp.args.JsonSave(self._config_json),
+                                        meta=ocp.args.JsonSave(meta), **{CHECKSUMS: ocp.args.JsonSave(digests)}))
+        except Exception as e:
+            raise self._save_error(e) from None
         if saved:
             self._last_saved_step = step
             self._last_save_time = time.monotonic()
         return saved
 
+    def check_saves(self) -> None:
+        """Raise SaveError if a background save has failed (cheap: call it at every step)."""
+        if not self._manager.is_saving_in_progress():
+            self.wait_until_finished()
+
+    def _save_error(self, error: BaseException) -> SaveError:
+        intact = [step for step, step_dir in _step_dirs(self.directory) if _missing_parts(step_dir) is None]
+        return SaveError(f"checkpoint {self._saving_step} could not be saved ({_one_line(error)}); the earlier "
+                         f"checkpoints are intact (newest: {intact[0] if intact else 'none'})")
+
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the save in flight is written; SaveError if it failed (reported once)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -383,26 +552,19 @@ class Checkpointer:
 # ---------------------------------------------------------------- params-only initialisation
 
 
-def _resolve_step_dir(path: str) -> Path:
+def _candidate_step_dirs(path: str) -> tuple[bool, list[Path]]:
+    """(whether `path` names one checkpoint step directory, the step directories to try, newest first)."""
     root = Path(path).absolute()
     if not path or not root.exists():
         raise ConfigError(f"checkpoint.init_from={path!r} does not exist; give a run directory "
                           f"(with {CHECKPOINTS}/) or a checkpoint step directory (with state/)")
     if (root / "state").is_dir():
-        problem = _missing_parts(root)
-        if problem:
-            raise ConfigError(f"checkpoint.init_from={path!r} is not a complete checkpoint: {problem}")
-        return root
-    candidates = root / CHECKPOINTS if (root / CHECKPOINTS).is_dir() else root
-    steps = _step_dirs(candidates)
-    for _, step_dir in steps:
-        problem = _missing_parts(step_dir)
-        if problem is None:
-            return step_dir
-        warnings.warn(f"skipping checkpoint {step_dir}: {problem}; trying the previous one",
-                      CheckpointWarning, stacklevel=3)
-    raise ConfigError(f"checkpoint.init_from={path!r} holds no complete checkpoint; give a run directory "
-                      f"(with {CHECKPOINTS}/<step>/) or a checkpoint step directory (with state/)")
+        return True, [root]
+    steps = _step_dirs(root / CHECKPOINTS if (root / CHECKPOINTS).is_dir() else root)
+    if not steps:
+        raise ConfigError(f"checkpoint.init_from={path!r} holds no complete checkpoint; give a run directory "
+                          f"(with {CHECKPOINTS}/<step>/) or a checkpoint step directory (with state/)")
+    return False, [step_dir for _, step_dir in steps]
 
 
 def _flat_paths(tree) -> dict[tuple, Any]:
@@ -424,12 +586,36 @@ def _find_subtree(saved: dict, wanted: set[tuple]) -> tuple:
 
 
 def restore_params(path: str, abstract_params):
-    """Params only (no optimizer state or step) from a run dir (its newest complete checkpoint)
-    or a checkpoint step dir, placed on the shardings in `abstract_params`."""
-    step_dir = _resolve_step_dir(path)
+    """Params only (no optimizer state or step) from a run dir or a checkpoint step dir, placed on the
+    shardings in `abstract_params`. From a run dir, the newest checkpoint that is complete and matches its
+    checksums: newer ones are skipped with the warning `Checkpointer.restore_latest` gives (and left where
+    they are); ConfigError when none is usable. A corrupt step dir is a ConfigError too."""
+    explicit, candidates = _candidate_step_dirs(path)
     abstract_pure = _to_pure(abstract_params)
+    for step_dir in candidates:
+        problem, restored = _missing_parts(step_dir), None
+        if problem is None:
+            problem, restored = _read_params(step_dir, abstract_pure)
+        problem = _problem_anywhere(problem)
+        if problem is None:
+            return _from_pure(abstract_params, restored)
+        if explicit:
+            raise ConfigError(f"checkpoint.init_from={path!r} is not a complete checkpoint: {problem}")
+        warnings.warn(f"skipping checkpoint {step_dir}: {problem}; trying the previous one",
+                      CheckpointWarning, stacklevel=2)
+    raise ConfigError(f"no restorable checkpoint in {path!r}: all of {', '.join(p.name for p in candidates)} are "
+                      "incomplete or corrupt (see the warnings)")
+
+
+def _read_params(step_dir: Path, abstract_pure: dict) -> tuple[str | None, dict | None]:
+    """(None, the params of `abstract_pure` read from `step_dir`) or (why they cannot be read, None). A
+    checkpoint of another model (other names or shapes) raises ValueError instead."""
+    _quiet_orbax_tracebacks()
     checkpointer = _step_checkpointer(ocp.PyTreeCheckpointHandler())
-    saved_tree = checkpointer.metadata(step_dir).item_metadata["state"].tree
+    try:
+        saved_tree = checkpointer.metadata(step_dir).item_metadata["state"].tree
+    except Exception as e:
+        return f"unreadable metadata ({_one_line(e)})", None
     wanted = _flat_paths(abstract_pure)
     prefix = _find_subtree(saved_tree, set(wanted))
     saved_leaves = _flat_paths(saved_tree)
@@ -442,12 +628,19 @@ def restore_params(path: str, abstract_params):
     for key in reversed(prefix):
         target = {key: target}
     target = _abstract(target)
-    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))).state
+    try:
+        items = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True), **_checksums_arg(step_dir)))
+        restored = items.state
+        problem = _digest_mismatch(restored, items.get(CHECKSUMS))
+    except Exception as e:
+        return f"unreadable state ({_one_line(e)})", None
+    if problem:
+        return problem, None
     for key in prefix:
         restored = restored[key]
-    return _from_pure(abstract_params, restored)
+    return None, restored
 
 
 # ---------------------------------------------------------------- preemption

@@ -17,6 +17,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -31,6 +32,14 @@ def _check(condition: bool, message: str) -> None:
 
 def _one_of(name: str, value: Any, valid: tuple) -> None:
     _check(value in valid, f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def described(default: Any, help: str):
+    """A dataclass field with a one-line meaning that `--help` prints (`describe_fields`); a class as `default`
+    is a nested config made by its default factory."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "nope")
@@ -52,20 +61,23 @@ MESH_AXES = (DATA, FSDP, SEQUENCE, TENSOR, EXPERT)
 class MoEConfig:
     """Mixture-of-experts FFN. `num_experts=0` means dense MLPs everywhere."""
 
-    num_experts: int = 0
-    every_k_layers: int = 1  # layer i is MoE when (i + 1) % every_k_layers == 0
-    top_k: int = 2
-    router: str = "softmax_topk"
-    capacity_factor: float = 1.25
-    dropless: bool = False
-    num_shared_experts: int = 0
-    d_ff_expert: int = 0  # 0: model.d_ff
-    load_balance_coef: float = 1e-2
-    router_z_loss_coef: float = 1e-3
-    seq_balance_coef: float = 0.0
-    bias_update_rate: float = 1e-3  # aux-loss-free balancing (router="sigmoid_bias")
+    num_experts: int = described(0, "experts per MoE layer; 0: dense MLPs everywhere")
+    every_k_layers: int = described(1, "layer i is MoE when (i + 1) % every_k_layers == 0")
+    top_k: int = described(2, "experts per token (expert_choice: sets the capacity)")
+    router: str = described("softmax_topk", f"router: {', '.join(ROUTERS)}")
+    capacity_factor: float = described(1.25, "an expert takes ceil(capacity_factor * L * top_k / E) tokens per row")
+    dropless: bool = described(False, "no capacity: every assignment runs (ragged_dot); expert_choice ignores it")
+    num_shared_experts: int = described(0, "experts every token passes through besides its routed ones")
+    d_ff_expert: int = described(0, "hidden size of each expert; 0: model.d_ff")
+    load_balance_coef: float = described(1e-2, "coefficient of the Switch load-balancing loss")
+    router_z_loss_coef: float = described(1e-3, "coefficient of the router z-loss (squared logsumexp of logits)")
+    seq_balance_coef: float = described(0.0, "coefficient of the balancing loss computed per sequence")
+    bias_update_rate: float = described(1e-3, "router='sigmoid_bias': bias step per micro-batch (loss-free balancing)")
 
     def validate(self) -> None:
+        for name, value in vars(self).items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"moe.{name}={value} must be a finite number")
         _check(self.num_experts >= 0, f"moe.num_experts={self.num_experts} must be >= 0")
         if self.num_experts == 0:
             return
@@ -85,38 +97,40 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str = "decoder"
-    vocab_size: int = 259  # 256 bytes + pad, bos, eos
-    d_model: int = 256
-    num_layers: int = 4
-    num_encoder_layers: int = 0  # encoder_decoder only; 0: num_layers
-    num_heads: int = 4
-    num_kv_heads: int = 0  # 0: num_heads (MHA); 1: MQA; otherwise GQA
-    head_dim: int = 0  # 0: d_model // num_heads
-    d_ff: int = 0  # 0: 4 * d_model (8/3 * d_model for swiglu, rounded to 64)
-    activation: str = "swiglu"
-    norm: str = "rmsnorm"
-    norm_position: str = "pre"
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    max_seq_len: int = 512  # table size for learned positions; original context for RoPE scaling
-    position: str = "rope"
-    rope_theta: float = 10000.0
-    rope_scaling: str = "none"
-    rope_scaling_factor: float = 1.0
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
-    llama3_low_freq_factor: float = 1.0
-    llama3_high_freq_factor: float = 4.0
-    sliding_window: int = 0  # 0: full attention
-    attention_kernel: str = "auto"
-    attention_block_size: int = 512
-    scan_layers: bool = True
-    remat: str = "none"
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    init_std: float = 0.02
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    architecture: str = described("decoder", f"{', '.join(ARCHITECTURES)}")
+    vocab_size: int = described(259, "token ids; 259 = 256 bytes + pad, bos, eos (the byte tokenizer)")
+    d_model: int = described(256, "width of the residual stream")
+    num_layers: int = described(4, "transformer blocks (the decoder's, for encoder_decoder)")
+    num_encoder_layers: int = described(0, "encoder blocks of encoder_decoder; 0: num_layers")
+    num_heads: int = described(4, "query heads")
+    num_kv_heads: int = described(0, "key/value heads; 0: num_heads (MHA), 1: MQA, otherwise GQA")
+    head_dim: int = described(0, "width of each head; 0: d_model // num_heads")
+    d_ff: int = described(0, "MLP hidden size; 0: 4 * d_model (swiglu: 8/3 * d_model rounded up to 64)")
+    activation: str = described("swiglu", f"MLP activation: {', '.join(ACTIVATIONS)}")
+    norm: str = described("rmsnorm", f"{', '.join(NORMS)}")
+    norm_position: str = described("pre", f"norm before or after each sub-layer: {', '.join(NORM_POSITIONS)}")
+    norm_eps: float = described(1e-6, "epsilon of the norms")
+    tie_embeddings: bool = described(True, "output projection shares the token embedding matrix")
+    max_seq_len: int = described(512, "learned positions: table size; RoPE scaling: the original context length")
+    position: str = described("rope", f"positional encoding: {', '.join(POSITIONS)}")
+    embed_scale: str = described("auto", "token embedding multiplier before absolute positions are added: "
+                                 "sqrt_d, none, or auto (sqrt_d for sinusoidal and learned, else none)")
+    rope_theta: float = described(10000.0, "RoPE base frequency")
+    rope_scaling: str = described("none", f"RoPE context extension: {', '.join(ROPE_SCALINGS)}")
+    rope_scaling_factor: float = described(1.0, "target context / max_seq_len for rope_scaling (>= 1)")
+    yarn_beta_fast: float = described(32.0, "YaRN: rotations above which a frequency is not interpolated")
+    yarn_beta_slow: float = described(1.0, "YaRN: rotations below which a frequency is fully interpolated")
+    llama3_low_freq_factor: float = described(1.0, "llama3: wavelengths above max_seq_len / this are interpolated")
+    llama3_high_freq_factor: float = described(4.0, "llama3: wavelengths below max_seq_len / this are kept")
+    sliding_window: int = described(0, "keys each query sees (local attention); 0: full attention")
+    attention_kernel: str = described("auto", f"{', '.join(ATTENTION_KERNELS)} (auto picks per platform and mask)")
+    attention_block_size: int = described(512, "query/key tile of blockwise and ring attention")
+    scan_layers: bool = described(True, "jax.lax.scan over stacked layers (false: unrolled, longer compile)")
+    remat: str = described("none", f"activation recomputation in backward: {', '.join(REMAT_POLICIES)}")
+    dtype: str = described("float32", f"compute dtype: {', '.join(DTYPES)}")
+    param_dtype: str = described("float32", f"dtype parameters are stored and updated in: {', '.join(DTYPES)}")
+    init_std: float = described(0.02, "standard deviation of the normal weight initialisation")
+    moe: MoEConfig = described(MoEConfig, "mixture of experts (model.moe.*)")
 
     @property
     def kv_heads(self) -> int:
@@ -139,8 +153,12 @@ class ModelConfig:
         return self.num_encoder_layers or self.num_layers
 
     def validate(self) -> None:
+        for name, value in vars(self).items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"model.{name}={value} must be a finite number")
         _one_of("model.architecture", self.architecture, ARCHITECTURES)
         _one_of("model.position", self.position, POSITIONS)
+        _one_of("model.embed_scale", self.embed_scale, ("auto", "sqrt_d", "none"))
         _one_of("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         _one_of("model.activation", self.activation, ACTIVATIONS)
         _one_of("model.norm", self.norm, NORMS)
@@ -172,6 +190,7 @@ class ModelConfig:
             _check(self.rope_scaling_factor >= 1.0,
                    f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
         _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         self.moe.validate()
 
 
@@ -179,11 +198,11 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh axis sizes; -1 means 'all remaining devices' (at most one axis)."""
 
-    data: int = -1
-    fsdp: int = 1
-    sequence: int = 1
-    tensor: int = 1
-    expert: int = 1
+    data: int = described(-1, "pure data parallel: batch split, parameters replicated")
+    fsdp: int = described(1, "batch split, parameters and optimizer state sharded (ZeRO-3)")
+    sequence: int = described(1, "sequence split, attention as Ring Attention (zigzag order)")
+    tensor: int = described(1, "heads, MLP hidden and vocab split (Megatron)")
+    expert: int = described(1, "MoE experts split (all-to-all); a batch axis elsewhere")
 
     @property
     def shape(self) -> dict[str, int]:
@@ -215,18 +234,21 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "kjv"
-    paths: tuple[str, ...] = ()  # text files/directories ('text') or .npy token files ('npy')
-    seq_len: int = 256
-    global_batch_size: int = 16
-    eval_fraction: float = 0.02  # tail of the corpus held out for evaluation
-    seed: int = 0
+    dataset: str = described("kjv", f"{', '.join(DATASETS)}")
+    paths: tuple[str, ...] = described((), "comma-separated text files/dirs ('text') or .npy token files ('npy')")
+    seq_len: int = described(256, "tokens per training row")
+    global_batch_size: int = described(16, "rows per step over all devices and micro-batches")
+    eval_fraction: float = described(0.02, "tail of the corpus held out for evaluation")
+    seed: int = described(0, "seed of the order of training windows and of synthetic examples")
     # synthetic tasks
-    copy_length: int = 32
-    num_pairs: int = 16  # associative recall
-    passkey_digits: int = 5
+    copy_length: int = described(32, "copy task: tokens to copy")
+    num_pairs: int = described(16, "associative recall: key-value pairs per row")
+    passkey_digits: int = described(5, "passkey task: digits of the key")
 
     def validate(self) -> None:
+        for name, value in vars(self).items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"data.{name}={value} must be a finite number")
         _one_of("data.dataset", self.dataset, DATASETS)
         _check(self.seq_len > 1, f"data.seq_len={self.seq_len} must be > 1")
         _check(self.global_batch_size >= 1, f"data.global_batch_size={self.global_batch_size} must be >= 1")
@@ -237,19 +259,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # 0: no clipping
-    grad_accum_steps: int = 1
-    z_loss: float = 0.0  # coefficient of log(Z)^2 on the output softmax
+    lr: float = described(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = described(0.1, "cosine decay ends at lr * min_lr_ratio")
+    warmup_steps: int = described(100, "linear warmup steps")
+    weight_decay: float = described(0.1, "AdamW decoupled weight decay of matrices (not norms, biases)")
+    b1: float = described(0.9, "AdamW first-moment decay")
+    b2: float = described(0.95, "AdamW second-moment decay")
+    eps: float = described(1e-8, "AdamW denominator epsilon")
+    clip_norm: float = described(1.0, "clip gradients to this global norm; 0: no clipping")
+    grad_accum_steps: int = described(1, "micro-batches per step (divides global_batch_size)")
+    z_loss: float = described(0.0, "coefficient of log(Z)^2 on the output softmax")
 
     def validate(self) -> None:
+        for name, value in vars(self).items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"optim.{name}={value} must be a finite number")
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.eps > 0, f"optim.eps={self.eps} must be > 0 (the AdamW denominator's epsilon)")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
@@ -261,14 +287,17 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 500  # 0: never on a step interval
-    every_seconds: float = 0.0  # 0: never on a wall-clock interval
-    keep_last: int = 3
-    keep_every: int = 0  # 0: none kept permanently; else every keep_every-th step is kept
-    async_save: bool = True
-    init_from: str = ""  # params-only initialisation from another run dir or checkpoint path
+    every_steps: int = described(500, "save every this many steps; 0: not on a step interval")
+    every_seconds: float = described(0.0, "save every this many seconds; 0: not on a wall-clock interval")
+    keep_last: int = described(3, "checkpoints kept")
+    keep_every: int = described(0, "also keep every step divisible by this for good; 0: none")
+    async_save: bool = described(True, "write checkpoints in the background while training continues")
+    init_from: str = described("", "start a new run from the params of this run dir or checkpoint")
 
     def validate(self) -> None:
+        for name, value in vars(self).items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"checkpoint.{name}={value} must be a finite number")
         _check(self.every_steps >= 0, f"checkpoint.every_steps={self.every_steps} must be >= 0")
         _check(self.every_seconds >= 0, f"checkpoint.every_seconds={self.every_seconds} must be >= 0")
         _check(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
@@ -277,26 +306,26 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run_dir: str = "runs/default"
-    steps: int = 1000
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200  # 0: no periodic eval
-    eval_batches: int = 8
-    loss_chunk_size: int = 0  # >0: compute the output projection + loss in chunks of this many tokens
-    nan_guard: bool = True
-    progress_bar: bool = True
-    tensorboard: bool = True
-    synchronous: bool = False  # read each step's metrics before dispatching the next (the loop before async)
-    profile_steps: tuple[int, ...] = ()  # START,END: a jax.profiler trace of steps START+1..END in run_dir/profile
-    compilation_cache_dir: str = "jax_cache"  # JAX's persistent compilation cache; relative: under run_dir; "": none
-    sample_tokens: int = 0  # >0: `python -m transformer.train` ends by printing this many generated tokens
-    sample_prompt: str = "And God said"  # the text the end-of-training sample continues
+    model: ModelConfig = described(ModelConfig, "the network (model.*)")
+    mesh: MeshConfig = described(MeshConfig, "device mesh axis sizes (mesh.*)")
+    data: DataConfig = described(DataConfig, "dataset and batch (data.*)")
+    optim: OptimConfig = described(OptimConfig, "optimizer (optim.*)")
+    checkpoint: CheckpointConfig = described(CheckpointConfig, "checkpoints (checkpoint.*)")
+    run_dir: str = described("runs/default", "directory of the run: config, checkpoints, logs; rerunning resumes")
+    steps: int = described(1000, "optimizer steps")
+    seed: int = described(0, "seed of parameter init, the training RNG and the end sample")
+    log_every: int = described(10, "log metrics every this many steps")
+    eval_every: int = described(200, "held-out eval every this many steps; 0: none")
+    eval_batches: int = described(8, "batches per held-out eval")
+    loss_chunk_size: int = described(0, "output projection + loss in chunks of this many tokens; 0: at once")
+    nan_guard: bool = described(True, "stop at a non-finite loss, keeping the last good checkpoint")
+    progress_bar: bool = described(True, "tqdm progress bar")
+    tensorboard: bool = described(True, "also write TensorBoard logs")
+    synchronous: bool = described(False, "read each step's metrics before dispatching the next")
+    profile_steps: tuple[int, ...] = described((), "START,END: profile steps START+1..END into run_dir/profile")
+    compilation_cache_dir: str = described("jax_cache", "compilation cache; a relative path is under run_dir; '': none")
+    sample_tokens: int = described(0, "train's CLI ends by printing this many generated tokens; 0: none")
+    sample_prompt: str = described("And God said", "text the end-of-training sample continues")
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -529,3 +558,103 @@ def config_from_args(argv: list[str], default_preset: str = "tiny") -> Config:
     kind, value = base or ("--preset", default_preset)
     cfg = get_preset(value) if kind == "--preset" else load_config_file(value)
     return apply_overrides(cfg, overrides).validate()
+
+
+# ---------------------------------------------------------------- help
+
+
+HELP_FLAGS = ("-h", "--help")
+_CONFIG_FILES = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+
+def format_value(value: Any) -> str:
+    """`value` as an override would spell it: true/false, comma-separated tuples, '' for an empty string."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(format_value, value)) if value else "()"
+    if isinstance(value, str):
+        return value or "''"
+    return str(value)
+
+
+def describe_fields(obj: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, meaning) of every leaf field of the dataclass `obj` (a class gives its defaults,
+    an instance its values), nested dataclasses flattened; the meaning is the field's `described` help."""
+    instance = obj() if isinstance(obj, type) else obj
+    rows = []
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(value, prefix=f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, format_value(value), f.metadata.get("help", "")))
+    return rows
+
+
+def columns(rows: Sequence[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    """`rows` of cells as aligned lines; the last cell is free text."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]).rstrip()
+            for row in rows]
+
+
+def wrapped_entry(name: str, items: Sequence[str], width: int = 120) -> list[str]:
+    """`name`, then `items` separated by spaces, wrapped under each other."""
+    import textwrap
+
+    return textwrap.wrap(" ".join(items) or "(the defaults)", width=width, initial_indent=f"  {name:<8}  ",
+                         subsequent_indent=" " * 12, break_on_hyphens=False)
+
+
+def preset_lines() -> list[str]:
+    """One entry per preset: the overrides that make it from the defaults."""
+    defaults = {name: value for name, value, _ in describe_fields(Config)}
+    lines = []
+    for name, make in PRESETS.items():
+        changed = [f"{key}={value}" for key, value, _ in describe_fields(make()) if defaults[key] != value]
+        lines += wrapped_entry(name, changed)
+    return lines
+
+
+def config_file_lines(folder: Path = _CONFIG_FILES) -> list[str]:
+    """One line per Python file in `folder` (default experiments/configs): its path and its docstring's first
+    sentence."""
+    import ast
+    import os
+    import textwrap
+
+    rows = []
+    for file in sorted(folder.glob("*.py")) if folder.is_dir() else []:
+        paragraph = (ast.get_docstring(ast.parse(file.read_text())) or "").split("\n\n")[0]
+        sentence = " ".join(paragraph.split()).split(". ")[0]
+        rows.append((os.path.relpath(file), textwrap.shorten(sentence, 80, placeholder=" ...")))
+    return columns(rows) if rows else ["  (none found)"]
+
+
+CONFIG_FIELDS_TITLE = "Config fields (a.b=value), with defaults"
+OVERRIDES_TITLE = "Config overrides of the run's saved config (a.b=value), with Config's defaults"
+
+
+def help_text(doc: str, options: Sequence[tuple[str, Any]] = (), *, presets: bool = True,
+              config_title: str = CONFIG_FIELDS_TITLE) -> str:
+    """`doc`, then each (title, dataclass) of `options` as `name  default  meaning` lines, then (with `presets`)
+    the presets and config files, then every Config field."""
+    sections = [doc.strip()]
+    for title, cls in options:
+        sections.append(f"{title}:\n" + "\n".join(columns(describe_fields(cls))))
+    if presets:
+        sections.append("Presets (--preset NAME; the fields each sets over the defaults):\n"
+                        + "\n".join(preset_lines()))
+        sections.append("Config files (--config FILE.py):\n" + "\n".join(config_file_lines()))
+    sections.append(f"{config_title}:\n" + "\n".join(columns(describe_fields(Config))))
+    return "\n\n".join(sections) + "\n"
+
+
+def print_help_if_asked(argv: Sequence[str], doc: str, options: Sequence[tuple[str, Any]] = (), *,
+                        presets: bool = True, config_title: str = CONFIG_FIELDS_TITLE) -> bool:
+    """Print `help_text` to stdout and return True when `argv` holds -h or --help."""
+    if not any(arg in HELP_FLAGS for arg in argv):
+        return False
+    print(help_text(doc, options, presets=presets, config_title=config_title), end="")
+    return True

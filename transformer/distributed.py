@@ -10,17 +10,28 @@ Modes ("auto" picks the first that applies):
   coordinator and process ids, and this module picks each task's GPUs (launch/slurm.sbatch).
 - "tpu": TRANSFORMER_DISTRIBUTED=tpu or TPU worker variables; jax detects everything (launch/tpu_pod.sh).
 - "single": nothing to do.
-TRANSFORMER_DISTRIBUTED=single|local|slurm|tpu forces a mode. A peer that never arrives ends
-every waiting process after `initialization_timeout` seconds with one clear line on stderr and
-exit code TIMEOUT_EXIT_CODE (jax itself would abort with a stack trace).
+TRANSFORMER_DISTRIBUTED=single|local|slurm|tpu forces a mode.
+
+Exit codes, shared by every entry point and acted on by the launch scripts:
+- PREEMPTED_EXIT_CODE (75, EX_TEMPFAIL): SIGTERM/SIGINT stopped the run after its state was saved; the
+  same command continues it (tpu_pod.sh retries, slurm.sbatch requeues the job).
+- PEER_LOST_EXIT_CODE (69, EX_UNAVAILABLE): a peer process never joined (`initialization_timeout`,
+  default $TRANSFORMER_INIT_TIMEOUT or 300 s) or died mid-run. A dead peer is noticed at once by a
+  collective that fails (gloo on CPU), else by `_PeerWatchdog` after `peer_timeout` seconds without its
+  heartbeat (default $TRANSFORMER_PEER_TIMEOUT or 30 s; jax's own detection, an abort with a C++ stack
+  trace, comes only after 2 * peer_timeout + 10 s). Each surviving process prints one line on stderr and
+  exits. A coordinator (process 0) that dies while a process waits outside a collective still ends that
+  process through jax's own fatal message: its distributed client aborts at once.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,14 +39,20 @@ import jax
 
 MODES = ("auto", "single", "local", "slurm", "tpu")
 DEFAULT_COORDINATOR = "127.0.0.1:12355"
-TIMEOUT_EXIT_CODE = 75  # EX_TEMPFAIL: a retry may succeed
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerunning the command continues the run
+PEER_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE: a peer process never joined or died
+TIMEOUT_EXIT_CODE = PEER_LOST_EXIT_CODE  # a peer never joined
 _GRACE_SECONDS = 5
+# What a collective raises when the process at the other end is gone (gloo on CPU, NCCL, the coordinator).
+_PEER_LOST_ERRORS = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|"
+                               r"coordination service|remote process exited|NCCL.*(?:remote|peer)", re.IGNORECASE)
 
 ENV_MODE = "TRANSFORMER_DISTRIBUTED"
 ENV_COORDINATOR = "TRANSFORMER_COORDINATOR"
 ENV_NUM_PROCESSES = "TRANSFORMER_NUM_PROCESSES"
 ENV_PROCESS_ID = "TRANSFORMER_PROCESS_ID"
 ENV_TIMEOUT = "TRANSFORMER_INIT_TIMEOUT"
+ENV_PEER_TIMEOUT = "TRANSFORMER_PEER_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -51,10 +68,11 @@ _info: DistributedInfo | None = None
 
 def initialize(mode: str = "auto", *, coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
-               initialization_timeout: int | None = None) -> DistributedInfo:
+               initialization_timeout: int | None = None, peer_timeout: int | None = None) -> DistributedInfo:
     """Join (or skip) the multi-process JAX runtime; idempotent.
 
-    Call before anything touches a JAX backend (jax.devices(), any computation).
+    Call before anything touches a JAX backend (jax.devices(), any computation). `peer_timeout`: seconds
+    without a peer's heartbeat before it counts as dead (see the module docstring).
     """
     global _info
     if _info is not None:
@@ -70,6 +88,10 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None, nu
         initialization_timeout = _env_int(ENV_TIMEOUT, 300)
     if initialization_timeout <= 0:
         raise ValueError(f"initialization_timeout={initialization_timeout} must be > 0 seconds")
+    if peer_timeout is None:
+        peer_timeout = _env_int(ENV_PEER_TIMEOUT, 30)
+    if peer_timeout <= 0:
+        raise ValueError(f"peer_timeout={peer_timeout} (argument or ${ENV_PEER_TIMEOUT}) must be > 0 seconds")
     explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
     if mode == "auto":
         mode = _detect_mode(explicit)
@@ -91,17 +113,27 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None, nu
     who = (f"process {kwargs.get('process_id', env.get('SLURM_PROCID', '?'))} of "
            f"{kwargs.get('num_processes', env.get('SLURM_NTASKS', '?'))}")
     where = kwargs.get("coordinator_address") or "the auto-detected coordinator"
+    kwargs["heartbeat_timeout_seconds"] = 2 * peer_timeout + 10  # jax's own detection: after ours
     _run_with_watchdog(kwargs, initialization_timeout, f"{mode} mode, {who}, coordinator {where}")
     _info = DistributedInfo(mode, jax.process_index(), jax.process_count(),
                             kwargs.get("coordinator_address"))
     if _info.process_count > 1:
         sys.excepthook = _exit_on_uncaught(sys.excepthook)
+        _start_peer_watchdog(peer_timeout)
     return _info
+
+
+def is_multiprocess() -> bool:
+    """Whether this process joined a runtime of several processes (without touching a backend)."""
+    return _info is not None and _info.process_count > 1
 
 
 def shutdown() -> None:
     """Leave the multi-process runtime (no-op when it was never joined)."""
-    global _info
+    global _info, _watchdog
+    if _watchdog is not None:
+        _watchdog.mark("done")
+        _watchdog = None
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
     _info = None
@@ -109,15 +141,44 @@ def shutdown() -> None:
 
 def _exit_on_uncaught(previous):
     """An excepthook that reports, then exits at once: a crashed process must not sit in
-    jax.distributed's shutdown barrier while its peers keep waiting for it."""
+    jax.distributed's shutdown barrier while its peers keep waiting for it. A collective that failed
+    because a peer is gone is reported in one line."""
 
     def hook(kind, value, traceback):
+        if isinstance(value, Exception) and is_peer_lost(value):
+            peer_lost(f"a collective failed because another process is gone ({_first_line(value)})")
         previous(kind, value, traceback)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        exit_now(1)
 
     return hook
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """Whether `error` (raised by a collective of a multi-process run) means that another process is gone."""
+    return jax.process_count() > 1 and bool(_PEER_LOST_ERRORS.search(str(error)))
+
+
+def peer_lost(reason: str) -> None:
+    """Print one line naming this process and `reason`, then exit with PEER_LOST_EXIT_CODE."""
+    who = f"process {jax.process_index()} of {jax.process_count()}" if _info is not None else "this process"
+    sys.stderr.write(f"transformer.distributed: {who} stops: {reason}; rerun the command to resume from the last "
+                     "checkpoint\n")
+    exit_now(PEER_LOST_EXIT_CODE)
+
+
+def exit_now(code: int) -> None:
+    """Flush and end the process with `code` at once, without jax.distributed's shutdown barrier (which waits for
+    every peer, and a failed process's peers may never arrive); its peers learn that it failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _watchdog is not None and code != 0:
+        _watchdog.mark(f"failed (exit code {code})")
+    os._exit(code)
+
+
+def _first_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _detect_mode(explicit: bool) -> str:
@@ -161,7 +222,8 @@ def _run_with_watchdog(kwargs: dict, timeout: int, description: str) -> None:
     """jax.distributed.initialize, ended with one clear line if peers do not all arrive in time.
 
     jax aborts the process with a C++ stack trace when its own deadline passes; the watchdog
-    fires first (jax gets a few seconds more) and exits with TIMEOUT_EXIT_CODE.
+    fires first (jax gets a few seconds more) and exits with TIMEOUT_EXIT_CODE. jax's preemption
+    service is turned off: PreemptionGuard handles SIGTERM, and the service would swallow it until then.
     """
     done = threading.Event()
 
@@ -175,10 +237,96 @@ def _run_with_watchdog(kwargs: dict, timeout: int, description: str) -> None:
 
     thread = threading.Thread(target=watchdog, name="distributed-init-watchdog", daemon=True)
     thread.start()
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(initialization_timeout=timeout + _GRACE_SECONDS, **kwargs)
     finally:
         done.set()
+
+
+class _PeerWatchdog:
+    """Heartbeats through the coordination service's key-value store (a daemon thread per process).
+
+    Every process bumps its counter each `interval` seconds. Process 0 watches every counter; the others
+    watch process 0's. A counter that stands still for `timeout` seconds, a peer marked "failed" or a
+    coordinator that stops answering ends the process with one line (`peer_lost`). Process 0 marks itself
+    failed first and waits a moment, so the others read why instead of losing the coordinator. A process that
+    exits normally marks itself "done" (atexit, before jax's shutdown barrier).
+    """
+
+    PREFIX = "transformer/heartbeat/"
+
+    def __init__(self, client, timeout: float, interval: float = 1.0):
+        self.client, self.timeout, self.interval = client, timeout, interval
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distributed-peer-watchdog", daemon=True)
+
+    def start(self) -> "_PeerWatchdog":
+        self.thread.start()
+        return self
+
+    def mark(self, value: str) -> None:
+        """Publish this process's final state ("done" or "failed ...") and stop beating (once)."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        try:
+            self.client.key_value_set(f"{self.PREFIX}{self.index}", value, allow_overwrite=True)
+        except Exception:
+            return
+        if self.index == 0 and value != "done":
+            time.sleep(2.5 * self.interval)  # the others read it while the coordinator still runs
+
+    def _run(self) -> None:
+        beat, seen = 0, {}
+        while not self.stopped.wait(self.interval):
+            beat += 1
+            try:
+                self.client.key_value_set(f"{self.PREFIX}{self.index}", str(beat), allow_overwrite=True)
+                values = self._peer_values()
+            except Exception as error:
+                if not self.stopped.is_set():
+                    peer_lost(f"the coordinator (process 0) stopped answering ({_first_line(error)})")
+                return
+            now = time.monotonic()
+            for peer, value in values.items():
+                if self.stopped.is_set() or value == "done":
+                    continue
+                if value is not None and value.startswith("failed"):
+                    peer_lost(f"process {peer} of {self.count} {value}")
+                if peer not in seen or seen[peer][0] != value:
+                    seen[peer] = (value, now)
+                elif now - seen[peer][1] > self.timeout:
+                    peer_lost(f"process {peer} of {self.count} sent no heartbeat for {self.timeout:g} s (it died or "
+                              "hangs)")
+
+    def _peer_values(self) -> dict[int, str | None]:
+        """The watched peers' last published values (None: nothing published yet)."""
+        if self.index != 0:
+            try:
+                return {0: self.client.key_value_try_get(f"{self.PREFIX}0")}
+            except Exception as error:
+                if "NOT_FOUND" in str(error).upper():
+                    return {0: None}
+                raise
+        published = {int(key.rstrip("/").rsplit("/", 1)[-1]): value
+                     for key, value in self.client.key_value_dir_get(self.PREFIX)}
+        return {peer: published.get(peer) for peer in range(1, self.count)}
+
+
+_watchdog: _PeerWatchdog | None = None
+
+
+def _start_peer_watchdog(timeout: int) -> None:
+    global _watchdog
+    from jax._src import distributed as jax_distributed
+
+    client = getattr(jax_distributed.global_state, "client", None)
+    if client is None or jax.process_count() < 2:
+        return
+    _watchdog = _PeerWatchdog(client, timeout).start()
+    atexit.register(_watchdog.mark, "done")
 
 
 # ---------------------------------------------------------------- SLURM

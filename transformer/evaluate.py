@@ -37,7 +37,8 @@ import numpy as np
 from flax import nnx
 
 from transformer import runs, sharding
-from transformer.config import SEQUENCE, Config, ConfigError, ModelConfig, apply_overrides
+from transformer.config import (OVERRIDES_TITLE, SEQUENCE, Config, ConfigError, ModelConfig, apply_overrides, described,
+                                print_help_if_asked)
 from transformer.data import make_dataset
 from transformer.data.placement import place_batch
 from transformer.data.synthetic import passkey_example
@@ -103,7 +104,7 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
     stride = stride or max(window // 2, 1)
     if mode == "sliding" and not 1 <= stride <= window:
         raise ValueError(f"stride={stride} must be in [1, data.seq_len={window}] for mode='sliding'")
-    data = make_dataset(cfg.data, "eval")
+    data = make_dataset(cfg.data, "eval", vocab_size=cfg.model.vocab_size)
     results = []
     with sharding.use_mesh(loaded.mesh):
         for length in lengths:
@@ -184,17 +185,17 @@ class Options:
     """The CLI's own `key=value` arguments (see the module docstring); any other key is a config override.
     passkey_lengths defaults to lengths."""
 
-    run_dir: str = ""
-    lengths: tuple[int, ...] = ()
-    num_sequences: int = 8
-    mode: str = "chunks"
-    stride: int = 0
-    batch_size: int = 8
-    passkey_lengths: tuple[int, ...] = ()
-    depths: tuple[float, ...] = (0.0, 0.5, 1.0)
-    trials: int = 10
-    seed: int = 0
-    out: str = ""
+    run_dir: str = described("", "the training run to evaluate (required)")
+    lengths: tuple[int, ...] = described((), "comma-separated lengths L to measure perplexity at (required)")
+    num_sequences: int = described(8, "held-out windows per length")
+    mode: str = described("chunks", "chunks: one pass per window of L; sliding: windows of data.seq_len by stride")
+    stride: int = described(0, "sliding mode: step between windows; 0: data.seq_len // 2")
+    batch_size: int = described(8, "windows per forward pass")
+    passkey_lengths: tuple[int, ...] = described((), "passkey prompt lengths; not given: lengths")
+    depths: tuple[float, ...] = described((0.0, 0.5, 1.0), "passkey positions, a fraction of the prompt (0: start)")
+    trials: int = described(10, "passkey prompts per length and depth")
+    seed: int = described(0, "seed of the passkey prompts")
+    out: str = described("", "JSON report path; '': run_dir/evaluation.json")
 
 
 OPTIONS = tuple(field.name for field in dataclasses.fields(Options))
@@ -221,6 +222,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see the module docstring); bad arguments print one line and return 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if print_help_if_asked(argv, __doc__, [("Options (key=value), with defaults", Options)],
+                           presets=False, config_title=OVERRIDES_TITLE):
+        return 0
     try:
         options, overrides = parse_args(argv)
         loaded = load_model(options.run_dir, overrides=overrides)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from transformer import distributed
-from transformer.config import ConfigError, apply_overrides
+from transformer.config import OVERRIDES_TITLE, ConfigError, apply_overrides, described, print_help_if_asked
 from transformer.data import tokenizer
 from transformer.inference.generate import FINISHED, Generation, Generator
 from transformer.inference.sampling import SamplingConfig
@@ -38,19 +38,19 @@ from transformer.inference.sampling import SamplingConfig
 class Options:
     """The CLI's own `key=value` arguments; any other key is a config override."""
 
-    run_dir: str = ""
-    prompt: str = ""
-    prompt_ids: tuple[int, ...] = ()
-    num_samples: int = 1
-    max_len: int = 0
-    prefill_chunk: int = 0
-    decode_steps: int = 16
-    draft_run_dir: str = ""
-    speculative: str = ""  # "lookup": prompt lookup decoding
-    draft_tokens: int = 4
-    out: str = ""
-    interactive: bool = False
-    stream: bool = True
+    run_dir: str = described("", "the training run to generate from (required)")
+    prompt: str = described("", "prompt text for the byte tokenizer")
+    prompt_ids: tuple[int, ...] = described((), "comma-separated prompt token ids instead of prompt")
+    num_samples: int = described(1, "rows generated from the prompt")
+    max_len: int = described(0, "cache positions per row; 0: prompt + max_new_tokens")
+    prefill_chunk: int = described(0, "prompt tokens per prefill call; 0: the whole prompt at once")
+    decode_steps: int = described(16, "tokens decoded per device call")
+    draft_run_dir: str = described("", "decode speculatively with this run as the draft model")
+    speculative: str = described("", "lookup: speculative decoding with n-gram prompt lookup drafts")
+    draft_tokens: int = described(4, "tokens a draft proposes per verification")
+    out: str = described("", "write prompt and generated ids of every row to this JSON file")
+    interactive: bool = described(False, "one prompt per stdin line, keeping the KV cache between turns")
+    stream: bool = described(True, "print row 0's text as it decodes")
 
 
 INTERACTIVE_MAX_LEN = 4096  # cache positions of an interactive session unless max_len says otherwise
@@ -139,6 +139,10 @@ def _report(result: Generation, byte_vocab: bool, streamed: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if print_help_if_asked(argv, __doc__, [("Options (key=value), with defaults", Options),
+                                           ("Sampling (key=value), with defaults", SamplingConfig)],
+                           presets=False, config_title=OVERRIDES_TITLE):
+        return 0
     try:
         options, sampling, overrides, stops_given = parse_args(argv)
         distributed.initialize()

@@ -6,7 +6,8 @@ training loop's step-time breakdown (`StepTimes`).
     writer.close()
 
 Only process 0 writes. `run_dir/metrics.jsonl` holds one JSON object per logged step; a
-resumed run appends to it after dropping the records of steps later than its restored step.
+resumed run appends to it after dropping the records of steps later than its restored step, and any
+line that is not a JSON record (the last one, torn by a kill mid-write) with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -146,19 +148,40 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of run_dir/metrics.jsonl, in order."""
+    """The records of run_dir/metrics.jsonl, in order (lines that are not records are left out, with a warning)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path)]
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each line of `path` that holds a JSON object; warns about the others."""
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        else:
+            bad.append(number)
+    if bad:
+        warnings.warn(f"{path}: dropping line {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}, "
+                      "not a JSON record (a write cut off by a kill)", stacklevel=3)
+    return records
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """Remove records of steps > `step` (logged after the checkpoint a resumed run restarts from)."""
+    """Remove records of steps > `step` (logged after the checkpoint a resumed run restarts from) and lines
+    that are not records."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [line for line, record in _records(path) if record.get("step", 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -45,8 +45,8 @@ from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from transformer import distributed, sharding
-from transformer.checkpoint import Checkpointer, PreemptionGuard, restore_params
-from transformer.config import Config, ConfigError, OptimConfig, config_from_args
+from transformer.checkpoint import Checkpointer, PreemptionGuard, SaveError, restore_params
+from transformer.config import Config, ConfigError, OptimConfig, config_from_args, print_help_if_asked
 from transformer.data import Dataset, make_dataset
 from transformer.data.placement import local_batch, place_batch
 from transformer.loss import loss_sums
@@ -369,6 +369,7 @@ class Loop:
         """Read, check and log the metrics of `pending`; given `state` (the state after that step), also run the
         eval and save the checkpoint due at it."""
         cfg, step = self.cfg, pending.step
+        self.ckpt.check_saves()  # a failed background save stops the run at once
         metrics = self.times.read(pending.metrics, pending.dispatched_at)
         if cfg.nan_guard:
             check_finite(metrics, step, self.ckpt)
@@ -421,7 +422,7 @@ def train(cfg: Config) -> dict:
     cache_dir = use_compilation_cache(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.validate_for_mesh(cfg, mesh)
-    data = make_dataset(cfg.data, "train")
+    data = make_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size)
 
     with sharding.use_mesh(mesh):
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)
@@ -455,18 +456,20 @@ def _postfix(record: dict) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: 0 when done or preempted (saved); a config error prints one line and returns 2,
-    a non-finite loss prints one line naming the step and returns 1."""
+    """CLI entry point. Returns 0 when done; distributed.PREEMPTED_EXIT_CODE (75) when SIGTERM/SIGINT stopped the
+    run after saving (the same command continues it); 1 after one line naming the step of a non-finite loss or
+    state, or of a failed save; 2 after one line naming a config error. A process of a multi-process run that
+    fails exits at once (`distributed.exit_now`) and its peers follow."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if print_help_if_asked(argv, __doc__):
+        return 0
     try:
         cfg = config_from_args(argv)
         summary = train(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 1
+        return _failed(f"config error: {e}", 2)
+    except (FloatingPointError, SaveError) as e:  # NonFiniteError, NonFiniteStateError, SaveError
+        return _failed(f"stopped: {e}", 1)
     if jax.process_index() == 0:
         parts = [f"step {summary['step']}", f"loss {summary['loss']}" if summary["loss"] is not None else "",
                  f"eval_loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "",
@@ -476,7 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(p for p in parts if p))
         if cfg.sample_tokens and not summary["preempted"] and jax.process_count() == 1:
             print_sample(cfg)
-    return 0
+    return distributed.PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+
+
+def _failed(message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    if distributed.is_multiprocess():
+        distributed.exit_now(code)
+    return code
 
 
 def print_sample(cfg: Config) -> None:

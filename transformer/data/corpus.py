@@ -134,8 +134,9 @@ def text_tokens(paths: tuple[str, ...]) -> np.ndarray:
     return np.concatenate(pieces).astype(np.uint16)
 
 
-def npy_tokens(paths: tuple[str, ...]) -> TokenStream:
-    """Memory-mapped 1-D integer token arrays (any dtype, any vocabulary), concatenated in order."""
+def npy_tokens(paths: tuple[str, ...], vocab_size: int | None = None) -> TokenStream:
+    """Memory-mapped 1-D integer token arrays (any dtype), concatenated in order. Given `vocab_size`, a file
+    holding an id outside [0, vocab_size) is a ConfigError naming the file, the id and its position."""
     parts = []
     for path in _expand(paths, (".npy",)):
         try:
@@ -145,16 +146,35 @@ def npy_tokens(paths: tuple[str, ...]) -> TokenStream:
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             raise ConfigError(f"data.paths entry {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
                               "token files must be 1-D integer arrays")
+        if vocab_size is not None:
+            _check_ids(path, array, vocab_size)
         parts.append(array)
     return TokenStream(parts)
 
 
-def load(cfg: DataConfig) -> TokenStream:
-    """The whole token stream of a corpus dataset ('kjv', 'text' or 'npy')."""
+_ID_CHUNK = 1 << 24
+
+
+def _check_ids(path: Path, array: np.ndarray, vocab_size: int) -> None:
+    """ConfigError at the first token id of `array` outside [0, vocab_size) (read in chunks: files may be huge)."""
+    if np.issubdtype(array.dtype, np.unsignedinteger) and np.iinfo(array.dtype).max < vocab_size:
+        return
+    for start in range(0, len(array), _ID_CHUNK):
+        chunk = np.asarray(array[start:start + _ID_CHUNK])
+        bad = (chunk < 0) | (chunk >= vocab_size)
+        if bad.any():
+            position = int(np.argmax(bad))
+            raise ConfigError(f"data.paths entry {str(path)!r} holds token id {int(chunk[position])} at position "
+                              f"{start + position}, outside model.vocab_size={vocab_size} (valid ids: 0 to "
+                              f"{vocab_size - 1})")
+
+
+def load(cfg: DataConfig, vocab_size: int | None = None) -> TokenStream:
+    """The whole token stream of a corpus dataset ('kjv', 'text' or 'npy'); `vocab_size` checks .npy ids."""
     if cfg.dataset == "kjv":
         return TokenStream([kjv_tokens()])
     if cfg.dataset == "text":
         return TokenStream([text_tokens(cfg.paths)])
     if cfg.dataset == "npy":
-        return npy_tokens(cfg.paths)
+        return npy_tokens(cfg.paths, vocab_size)
     raise ConfigError(f"data.dataset={cfg.dataset!r} is not a corpus; choose one of 'kjv', 'text', 'npy'")

@@ -116,8 +116,9 @@ class Dataset:
         return {key: np.stack([example[key] for example in examples]) for key in BATCH_KEYS}
 
 
-def make_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
-    """The dataset of cfg.dataset; `split` "train" or "eval" picks the token stream that batch() samples."""
+def make_dataset(cfg: DataConfig, split: str = "train", *, vocab_size: int | None = None) -> Dataset:
+    """The dataset of cfg.dataset; `split` "train" or "eval" picks the token stream that batch() samples.
+    `vocab_size` (model.vocab_size): .npy token ids outside [0, vocab_size) are refused (ConfigError)."""
     cfg.validate()
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not valid; choose one of {', '.join(map(repr, SPLITS))}")
@@ -126,7 +127,7 @@ def make_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     if cfg.dataset in synthetic.TASKS:
         synthetic.check_config(cfg)
         return Dataset(cfg, split, _task_rows(cfg, split), heldout=None)
-    train, heldout = corpus.load(cfg).split(cfg.eval_fraction)
+    train, heldout = corpus.load(cfg, vocab_size).split(cfg.eval_fraction)
     stream = train if split == "train" else heldout
     _check_long_enough(stream, f"{split} split", cfg)
     return Dataset(cfg, split, _window_rows(stream, cfg.seq_len, _split_seed(cfg.seed, split)), heldout)

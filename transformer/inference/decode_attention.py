@@ -34,10 +34,15 @@ _F32 = jnp.float32
 
 
 def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=None, kv_positions_BK=None,
-                     q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale=None, block_size=512, return_lse=False):
+                     q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale=None, block_size=512, return_lse=False,
+                     layer=None):
     """Attention of few queries over a long (cached) key sequence; see the module docstring. K/V are never
     padded or copied: a length that is not a multiple of the block size ends with a block overlapping the one
-    before, whose shared keys are hidden. Segment ids, when given, must be >= 0."""
+    before, whose shared keys are hidden. Segment ids, when given, must be >= 0. With `layer`, k and v are
+    stacked over layers (k_NBKGW) and each block is read straight from that layer."""
+    stacked_k, stacked_v = k_BKGW, v_BKGW
+    if layer is not None:
+        k_BKGW, v_BKGW = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in (k_BKGW, v_BKGW))
     attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
                                kv_segment_ids_BK, scale=scale, block_size=block_size)
     B, Q, H, W = q_BQHW.shape
@@ -66,6 +71,11 @@ def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions
         kseg_Bk = block(kseg_BK, j)
         return jnp.where(start(j) + jnp.arange(bk) >= j * bk, kseg_Bk, -1) if ragged else kseg_Bk
 
+    def kv_block(x, j):
+        if layer is None:
+            return block(x, j)
+        return lax.dynamic_slice(x, (layer, 0, start(j), 0, 0), (1, B, bk, *x.shape[3:]))[0]
+
     def may_attend(j):
         return mask.may_attend(qpos_BQ, block(kpos_BK, j), qseg_BQ, block_segments(j))
 
@@ -79,14 +89,14 @@ def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions
     def visit(j, acc):
         def attend(acc):
             out_BQHW, lse_BHQ = attention_ops.reference_kernel(
-                mask, scale, q32_BQHW, block(k_BKGW, j), block(v_BKGW, j), qpos_BQ, block(kpos_BK, j), qseg_BQ,
+                mask, scale, q32_BQHW, kv_block(stacked_k, j), kv_block(stacked_v, j), qpos_BQ, block(kpos_BK, j), qseg_BQ,
                 block_segments(j))
             return attention_ops.merge_partials(acc, (out_BQHW, lse_BHQ))
 
         return lax.cond(needed[j], attend, lambda acc: acc, acc)
 
-    init = (attention_ops.full_like_inputs((B, Q, H, W), 0.0, q_BQHW, k_BKGW),
-            attention_ops.full_like_inputs((B, H, Q), -jnp.inf, q_BQHW, k_BKGW))
+    init = (attention_ops.full_like_inputs((B, Q, H, W), 0.0, q_BQHW, stacked_k),
+            attention_ops.full_like_inputs((B, H, Q), -jnp.inf, q_BQHW, stacked_k))
     out_BQHW, lse_BHQ = lax.fori_loop(first, last, visit, init)
     out_BQHW = out_BQHW.astype(q_BQHW.dtype)
     return (out_BQHW, lse_BHQ) if return_lse else out_BQHW
@@ -109,11 +119,11 @@ def cached_attention(q_BQHW, k_NBKGW, v_NBKGW, layer, mask: AttentionMask, *, q_
     mesh = sharding.current_mesh()
 
     def local(q, k_N, v_N, qpos, kpos, inv_freq, layer):
+        options = dict(q_positions_BQ=qpos, kv_positions_BK=kpos, scale=scale, block_size=block_size, return_lse=True)
+        if inv_freq is None:  # blocks are read from the stacked cache: no copy of the layer
+            return decode_attention(q, k_N, v_N, mask, layer=layer, **options)
         k, v = (lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (k_N, v_N))
-        if inv_freq is not None:
-            k = pos_ops.apply_rope(k, kpos, inv_freq, rope[1])
-        return decode_attention(q, k, v, mask, q_positions_BQ=qpos, kv_positions_BK=kpos, scale=scale,
-                                block_size=block_size, return_lse=True)
+        return decode_attention(q, pos_ops.apply_rope(k, kpos, inv_freq, rope[1]), v, mask, **options)
 
     inv_freq = None if rope is None else rope[0]
     if not _split_cache(mesh):

@@ -22,7 +22,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from transformer.config import ConfigError
+from transformer.config import ConfigError, described
 
 
 def _check(condition: bool, message: str) -> None:
@@ -42,14 +42,14 @@ def _integer(value) -> bool:
 class SamplingConfig:
     """How the next token is chosen; every filter's neutral value turns it off."""
 
-    temperature: float = 1.0  # 0: greedy argmax
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # nucleus; 1: off
-    min_p: float = 0.0  # keep tokens with probability >= min_p * max probability; 0: off
-    repetition_penalty: float = 1.0  # CTRL: seen tokens' logits / penalty if positive, * penalty if not; 1: off
-    max_new_tokens: int = 64
-    stop_tokens: tuple[int, ...] = ()
-    seed: int = 0
+    temperature: float = described(1.0, "softmax temperature; 0: greedy argmax")
+    top_k: int = described(0, "sample among the k most likely tokens; 0: off")
+    top_p: float = described(1.0, "nucleus: the smallest set with probability >= top_p; 1: off")
+    min_p: float = described(0.0, "keep tokens with probability >= min_p * the largest; 0: off")
+    repetition_penalty: float = described(1.0, "CTRL: seen tokens' logits / penalty (* if negative); 1: off")
+    max_new_tokens: int = described(64, "tokens generated per row at most")
+    stop_tokens: tuple[int, ...] = described((), "comma-separated token ids that end a row")
+    seed: int = described(0, "sampling seed (row i uses fold_in(key(seed), i))")
 
     def __post_init__(self):
         if not isinstance(self.stop_tokens, tuple):

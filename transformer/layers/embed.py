@@ -1,8 +1,11 @@
 """Token embedding, absolute positions (learned table or sinusoidal) and the output projection.
 
 RoPE and ALiBi act inside attention and NoPE adds nothing, so for those the embedding is the
-token lookup alone. The output projection reuses the token table (`tie_embeddings`) or owns
-a separate (embed, vocab) matrix; logits are float32.
+token lookup alone. With absolute positions the looked-up token vectors are multiplied by
+sqrt(d_model) before the position embedding is added, as in Vaswani et al. (2017) and fairseq
+(`model.embed_scale`: "auto" does this for sinusoidal and learned positions only). The output
+projection reuses the unscaled token table (`tie_embeddings`) or owns a separate (embed, vocab)
+matrix; logits are float32.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ def check_tokens(name: str, tokens_BL) -> None:
         raise ValueError(f"{name} must hold integer token ids, got dtype {jnp.result_type(tokens_BL)}")
 
 
+def embed_multiplier(cfg: ModelConfig) -> float:
+    """The factor applied to looked-up token vectors: sqrt(d_model) for embed_scale="sqrt_d" (and "auto" with
+    sinusoidal or learned positions), else 1."""
+    absolute = cfg.position in ("sinusoidal", "learned")
+    if cfg.embed_scale == "sqrt_d" or (cfg.embed_scale == "auto" and absolute):
+        return float(np.sqrt(cfg.d_model))
+    return 1.0
+
+
 class Embed(nnx.Module):
     """tokens_BL (+ positions_BL) -> x_BLD in the compute dtype; `logits(h_BLD)` -> float32 BLV."""
 
@@ -35,6 +47,7 @@ class Embed(nnx.Module):
         self.position = cfg.position
         self.max_seq_len = cfg.max_seq_len
         self.d_model = cfg.d_model
+        self.scale = embed_multiplier(cfg)
         self.dtype = jnp.dtype(cfg.dtype)
         param_dtype = jnp.dtype(cfg.param_dtype)
         init = jax.nn.initializers.normal(stddev=cfg.init_std)
@@ -50,6 +63,8 @@ class Embed(nnx.Module):
         B, L = tokens_BL.shape
         table_VD = sharding.constrain(self.tokens_VD[...], ("vocab", None))  # gather whole rows: no fsdp split
         x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.dtype)
+        if self.scale != 1.0:
+            x_BLD = x_BLD * jnp.asarray(self.scale, self.dtype)
         if self.position in ("learned", "sinusoidal"):
             positions_BL = default_positions(B, L) if positions_BL is None else positions_BL
             if tuple(positions_BL.shape) != (B, L):
