@@ -628,12 +628,15 @@ def _cpu_model() -> str | None:
 
 def write_manifest(results_dir: Path, *, sweep, sweep_file: str, finished: list[Finished], seconds: float) -> Path:
     """results_dir/manifest.json: provenance, the sweep (file and resolved fields), seeds, this invocation's wall
-    time, and per run its label, seed, run_dir, full config and seconds of training and measuring."""
+    time, the seconds of training (summed over the sessions that trained each run) and measuring summed over runs,
+    and per run its label, seed, run_dir, full config and seconds."""
     import json
 
     manifest = provenance() | {
         "sweep_file": sweep_file, "sweep": json.loads(json.dumps(_plain(sweep), default=str)),
         "seeds": list(range(sweep.seeds)), "wall_seconds": seconds,
+        "train_seconds": round(sum(f.train_seconds for f in finished), 1),
+        "measure_seconds": round(sum(f.measure_seconds for f in finished), 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": [{"label": f.job.label, "seed": f.job.seed, "run_dir": str(f.job.run_dir),
                   "train_seconds": round(f.train_seconds, 1), "measure_seconds": round(f.measure_seconds, 1),

@@ -12,8 +12,8 @@ evaluated on held-out text at L x each factor (non-overlapping chunks). The `rop
 also evaluated with a sliding window and with each RoPE scaling applied at inference without retraining
 (scale factor = eval length / L), and fine-tuned with the `finetune` overrides starting from its
 parameters. A second model per encoding is trained on the synthetic passkey task (loss on the key
-digits only), after the stages of `passkey_curriculum` if any (each starting from the previous one's
-parameters), and tested by greedy generation across lengths and depths with evaluate.passkey_accuracy,
+digits only), after that encoding's stages in `passkey_curriculum` if any (each starting from the
+previous one's parameters), and tested by greedy generation across lengths and depths with evaluate.passkey_accuracy,
 whose prompts at the training length are laid out exactly like the training rows.
 
 Writes perplexity.{csv,md,png} and passkey.{csv,md,png} (mean ± std over seeds in the markdown and as
@@ -53,8 +53,8 @@ class Sweep:
     finetune: tuple = ()  # overrides of the rope column's config for a fine-tune from its parameters; (): none
     finetune_label: str = "rope + fine-tune"
     passkey: tuple = ()  # overrides of base for one passkey model per encoding; (): no passkey sweep
-    passkey_curriculum: tuple = ()  # earlier passkey stages, each overrides of the passkey config; every stage and
-    # the passkey model start from the previous stage's parameters (checkpoint.init_from)
+    passkey_curriculum: dict = dataclasses.field(default_factory=dict)  # column -> earlier stages, each a tuple of
+    # overrides of its passkey config; each stage and then the passkey model start from the previous stage's parameters
     passkey_skip: tuple = ()  # encoding columns without a passkey model
     passkey_factors: tuple = (1, 2, 4)  # passkey accuracy at passkey training length x factor
     passkey_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -62,7 +62,13 @@ class Sweep:
     seeds: int = 3
 
     def validate(self) -> None:
-        """Raise ConfigError unless every run's config is valid."""
+        """Raise ConfigError unless every named column exists and every run's config is valid."""
+        from transformer.config import ConfigError
+
+        for name in (*([self.rope] if self.rope else []), *self.passkey_skip, *self.passkey_curriculum):
+            if name not in self.encodings:
+                raise ConfigError(f"{name!r} (rope, passkey_skip or passkey_curriculum) is not an encoding column; "
+                                  f"columns: {', '.join(self.encodings)}")
         jobs(self, Path("runs"))
 
     def select(self, names: list[str]) -> "Sweep":
@@ -75,7 +81,8 @@ class Sweep:
                               f"choose from {', '.join(self.encodings)}")
         return dataclasses.replace(self, encodings={k: v for k, v in self.encodings.items() if k in names},
                                    rope=self.rope if self.rope in names else "",
-                                   passkey_skip=tuple(k for k in self.passkey_skip if k in names))
+                                   passkey_skip=tuple(k for k in self.passkey_skip if k in names),
+                                   passkey_curriculum={k: v for k, v in self.passkey_curriculum.items() if k in names})
 
     @property
     def train_len(self) -> int:
@@ -143,7 +150,7 @@ def jobs(sweep: Sweep, runs_dir: Path) -> tuple[list[harness.Job], list[harness.
                                               measure_perplexity(sweep, sweep.finetune_label, False), key))
         for column in [c for c in sweep.encodings if c not in sweep.passkey_skip] if sweep.passkey else ():
             init_from = ""
-            for stage, overrides in enumerate(sweep.passkey_curriculum):
+            for stage, overrides in enumerate(sweep.passkey_curriculum.get(column, ())):
                 cfg = encoding_config(sweep, column, (*sweep.passkey, *overrides))
                 cfg = harness.sweep_run_config(with_init(cfg, init_from), f"passkey {column} stage {stage}", seed,
                                                runs_dir)
@@ -239,11 +246,11 @@ def pivot_markdown(summary: list[dict], row_key: str, col_key: str, value: str, 
 
 
 def line_styles(methods: list[str]) -> dict[str, dict]:
-    """A distinct colour per line (tab10, then black and gold); solid for the encodings, a distinct dash pattern
-    and marker for each variant of one ("rope + ...")."""
+    """A distinct colour per line (tab10, then five more); solid for the encodings, a distinct dash pattern and
+    marker for each variant of one ("rope + ...")."""
     import matplotlib
 
-    colours = list(matplotlib.colormaps["tab10"].colors) + ["black", "gold"]
+    colours = list(matplotlib.colormaps["tab10"].colors) + ["black", "gold", "darkviolet", "lime", "navy"]
     if len(methods) > len(colours):
         raise ValueError(f"{len(methods)} lines but only {len(colours)} distinct colours")
     dashes = ["--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (2, 2)), (0, (4, 1, 1, 1))]

@@ -125,6 +125,7 @@ def test_manifest_holds_provenance_configs_and_times(tmp_path):
                                   finished=[harness.Finished(job, [], 12.34, 0.5, True)], seconds=13.0)
     manifest = json.loads(path.read_text())
     assert manifest["seeds"] == [0, 1] and manifest["sweep_file"] == "f.py" and manifest["wall_seconds"] == 13.0
+    assert (manifest["train_seconds"], manifest["measure_seconds"]) == (12.3, 0.5)
     assert manifest["git"]["commit"] and isinstance(manifest["git"]["dirty"], bool)
     assert set(harness.PACKAGES) <= set(manifest["packages"]) and manifest["packages"]["jax"]
     assert manifest["jax"]["backend"] == "cpu" and manifest["jax"]["device_kinds"]
@@ -200,3 +201,9 @@ def test_a_signal_the_train_guard_caught_after_its_last_check_still_stops_the_sw
         assert guard.requested and stop.signal is None and stop.requested() == signal.SIGTERM
         with pytest.raises(harness.SweepInterrupted, match="SIGTERM after run"):
             harness._check_stop(stop, "after run")
+
+
+def test_an_interrupted_sweep_exits_like_a_preempted_train():
+    from transformer import distributed
+
+    assert harness.INTERRUPTED_EXIT_CODE == distributed.PREEMPTED_EXIT_CODE

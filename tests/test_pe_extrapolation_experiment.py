@@ -2,6 +2,7 @@
 passkey curriculum, seeds), the mean ± std tables and CSVs built from per-seed rows, and a tiny sweep end to end."""
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -26,7 +27,7 @@ def get_config():
                 finetune=("steps=2", "data.seq_len=32", "model.rope_scaling=yarn", "model.rope_scaling_factor=2"),
                 finetune_label="rope + yarn ft",
                 passkey=("data.dataset=passkey", "data.seq_len=96", "steps=2"),
-                passkey_curriculum=(("data.passkey_digits=8",),), passkey_skip=("rope",),
+                passkey_curriculum={"learned": (("data.passkey_digits=8",),)}, passkey_skip=("rope",),
                 passkey_factors=(1,), passkey_depths=(0.0, 1.0), passkey_trials=2, seeds=2)
 '''
 
@@ -54,9 +55,11 @@ def test_cpu_sweep_makes_one_run_per_encoding_and_seed_with_the_paper_embedding_
     final = [j for j in passkey if "stage" not in j.label]
     assert {j.label for j in final} == set(sweep.encodings) - set(sweep.passkey_skip)
     assert {j.cfg.data.dataset for j in final} == {"passkey"}
-    stages = [j for j in passkey if "stage" in j.label]
-    assert len(stages) == len(final) and {j.cfg.data.dataset for j in stages} == {"copy"}
-    assert all(f.cfg.checkpoint.init_from == s.cfg.run_dir for s, f in zip(stages, final))
+    stages = {(j.label.split(" stage")[0], j.seed): j.cfg for j in passkey if "stage" in j.label}
+    assert {label for label, _ in stages} == set(sweep.passkey_curriculum) == {"alibi", "learned"}
+    assert {cfg.data.dataset for cfg in stages.values()} == {"copy"}
+    for j in final:
+        assert j.cfg.checkpoint.init_from == (stages[j.label, j.seed].run_dir if (j.label, j.seed) in stages else "")
 
 
 def test_subset_keeps_rope_variants_only_with_rope():
@@ -65,6 +68,8 @@ def test_subset_keeps_rope_variants_only_with_rope():
     assert {j.label for j in perplexity} == {"alibi"} and not sweep.rope
     with pytest.raises(ConfigError, match="'xpos' is not an encoding"):
         sweep.select(["xpos"])
+    with pytest.raises(ConfigError, match="'rop' .* is not an encoding column"):
+        dataclasses.replace(sweep, passkey_curriculum={"rop": ()}).validate()
 
 
 def test_curriculum_stages_chain_their_parameters(tmp_path):
@@ -131,3 +136,11 @@ def test_tiny_sweep_end_to_end(tmp_path):
                for r in manifest["runs"])
     for name in ("perplexity.png", "passkey.png", "perplexity.md", "passkey.md", "passkey_summary.csv"):
         assert (results / name).is_file()
+
+
+def test_every_line_of_the_cpu_plot_has_its_own_colour():
+    sweep = pe.parse_args([]).sweep
+    methods = [*sweep.encodings, sweep.finetune_label, f"{sweep.rope} + sliding window",
+               *(f"{sweep.rope} + {s}" for s in sweep.rope_scalings)]
+    styles = pe.line_styles(methods)
+    assert len({str(style["color"]) for style in styles.values()}) == len(methods) == 13

@@ -1,5 +1,5 @@
 """Positional-encoding extrapolation sweep on one GPU: byte-level KJV at L=512 with a d_model 512, 8-layer model,
-five encodings, evaluated up to 16L; passkey models trained at 512 after a copy-task stage and tested up to 8L.
+five encodings, evaluated up to 16L; passkey models trained at 512 (ALiBi and learned after a copy-task stage) and tested up to 8L.
 
     python experiments/pe_extrapolation.py --preset gpu
     python experiments/pe_extrapolation.py --preset gpu --seeds 3   # with error bars
@@ -8,6 +8,8 @@ To make a new sweep, copy this file, edit it and pass the copy with --sweep (see
 """
 
 from transformer.config import CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig
+
+COPY_STAGE = ("data.dataset=copy", "data.copy_length=255", "steps=500", "optim.warmup_steps=50")  # see pe_cpu.py
 
 
 def get_config() -> dict:
@@ -32,7 +34,7 @@ def get_config() -> dict:
         finetune_label="rope + yarn fine-tune 4L",
         passkey=("data.dataset=passkey", "data.seq_len=512", "data.global_batch_size=32", "steps=2000",
                  "optim.warmup_steps=200"),
-        passkey_curriculum=(("data.dataset=copy", "data.copy_length=255", "steps=500", "optim.warmup_steps=50"),),
+        passkey_curriculum={"alibi": (COPY_STAGE,), "learned": (COPY_STAGE,)},
         passkey_factors=(1, 2, 4, 8),
         passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
         passkey_trials=20,
