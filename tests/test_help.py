@@ -111,3 +111,11 @@ def test_help_from_the_command_line_exits_0_on_stdout():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model.moe.num_experts" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_convert_help_lists_both_directions_and_the_config_fields(capsys):
+    from transformer import convert
+
+    text = _help_of(convert.main, ["--help"], capsys)
+    assert "--from-hf" in text and "--to-hf" in text and "--run-dir" in text and "--out" in text
+    _assert_config_fields(text)

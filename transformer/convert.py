@@ -1,0 +1,139 @@
+"""Hugging Face checkpoints in and out of run directories.
+
+    python -m transformer.convert --from-hf DIR --run-dir RUN [a.b=value ...]
+    python -m transformer.convert --to-hf RUN --out DIR [--dtype bfloat16] [--max-shard-gb 5]
+
+--from-hf reads DIR's config.json and safetensors (one file or shards with model.safetensors.index.json),
+maps the config (transformer.hf.configs: Llama, Mistral, Mixtral; anything the library cannot compute is
+refused naming the field) and every tensor (transformer.hf.weights), checks every name and shape against
+the headers before anything is read or written, and writes RUN: config.json (data.dataset=npy with a placeholder path: give the
+token files of the model's own tokenizer with data.paths=...), a params-only checkpoint at
+step 0 (placed on the mesh of `mesh.*`, each device shard read straight from the files) and hf/ (DIR's
+config.json and tokenizer files). `a.b=value` overrides change the run's config, e.g. model.dtype=bfloat16,
+or model.rope_scaling=yarn model.rope_scaling_factor=4 to extend the context.
+
+A converted run is used as it is by `python -m transformer.evaluate run_dir=RUN` and `python -m
+transformer.generate run_dir=RUN`, and fine-tuned from with `python -m transformer.train
+checkpoint.init_from=RUN run_dir=NEW ...` (a new run dir: RUN holds no optimizer state).
+
+--to-hf writes the run's newest checkpoint as a folder `transformers` loads (`from_pretrained(DIR)`), in the
+dtype of the imported checkpoint (else float32) unless --dtype says otherwise. RUN and DIR must be new or
+empty directories: nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from transformer import distributed, sharding
+from transformer.checkpoint import Checkpointer
+from transformer.config import DTYPES, Config, ConfigError, DataConfig, apply_overrides, print_help_if_asked
+from transformer.hf import configs, folder as hf_folder, weights
+from transformer.model import build_model
+
+HF_DIR = "hf"  # inside a converted run: the source config.json and tokenizer files
+NO_DATA = "set-data.paths-to-token-ids.npy"  # a converted run's data: its token ids come from its own tokenizer
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m transformer.convert", add_help=False, allow_abbrev=False)
+    parser.add_argument("--from-hf", metavar="DIR", help="Hugging Face model folder to import")
+    parser.add_argument("--run-dir", metavar="RUN", help="new run directory to write (with --from-hf)")
+    parser.add_argument("--to-hf", metavar="RUN", help="run directory to export")
+    parser.add_argument("--out", metavar="DIR", help="new Hugging Face folder to write (with --to-hf)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="exported tensor dtype")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest exported safetensors file")
+    return parser
+
+
+def import_hf(source: str | Path, run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """Convert the HF folder `source` into the new run directory `run_dir` (see the module docstring)."""
+    started = time.perf_counter()
+    folder = hf_folder.HFFolder(source)
+    run_dir = Path(run_dir)
+    cfg = Config(model=configs.model_config(folder.config), data=DataConfig(dataset="npy", paths=(NO_DATA,)),
+                 run_dir=str(run_dir))
+    cfg = apply_overrides(cfg, list(overrides)).validate()
+    hf_folder.check_new_dir(run_dir, "--run-dir")
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.use_mesh(mesh):
+        abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))))
+        shardings = sharding.state_shardings(abstract, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        weights.check_folder(folder, cfg.model, nnx.to_pure_dict(abstract))
+        state = weights.import_state(folder, cfg.model, abstract)
+        with Checkpointer(str(run_dir), cfg.checkpoint, config=cfg) as ckpt:
+            ckpt.maybe_save(0, {"model": nnx.to_pure_dict(state)}, force=True)
+            ckpt.wait_until_finished()
+    if jax.process_index() == 0:
+        (run_dir / HF_DIR).mkdir(exist_ok=True)
+        for name in (hf_folder.CONFIG, *hf_folder.SIDE_FILES):
+            if (folder.path / name).is_file():
+                shutil.copy2(folder.path / name, run_dir / HF_DIR / name)
+        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+        print(f"converted {folder.path} ({folder.config['model_type']}, {params:,} params, "
+              f"{len(folder.files)} file(s)) into {run_dir} in {time.perf_counter() - started:.1f} s")
+    return cfg
+
+
+def export_hf(run_dir: str | Path, out: str | Path, *, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Write the run's newest checkpoint as a Hugging Face folder `out` (see the module docstring)."""
+    from transformer.runs import load_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    loaded = load_model(run_dir, architectures=("decoder",))
+    saved_path = run_dir / HF_DIR / hf_folder.CONFIG
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else None
+    dtype = dtype or (saved or {}).get("torch_dtype") or (saved or {}).get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    config = configs.hf_config(loaded.cfg.model, saved=saved, torch_dtype=dtype)
+    hf_folder.check_new_dir(out, "--out")
+    pure = nnx.to_pure_dict(loaded.state)
+    tensors = weights.export_tensors(loaded.cfg.model, pure, np.dtype(jax.numpy.dtype(dtype)))
+    return hf_folder.write_folder(out, config, tensors, max_shard_bytes=max_shard_bytes,
+                                  side_files_from=run_dir / HF_DIR if saved else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    if print_help_if_asked(argv, __doc__ + "\n" + parser.format_help(), presets=False):
+        return 0
+    args, rest = parser.parse_known_args(argv)
+    try:
+        unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+        if unknown:
+            raise ConfigError(f"unknown argument {unknown[0]!r}; see --help")
+        if bool(args.from_hf) == bool(args.to_hf):
+            raise ConfigError("give exactly one of --from-hf DIR (with --run-dir RUN) or --to-hf RUN (with --out DIR)")
+        distributed.initialize()
+        if args.from_hf:
+            if not args.run_dir:
+                raise ConfigError("--from-hf needs --run-dir RUN, the new run directory to write")
+            import_hf(args.from_hf, args.run_dir, rest)
+        else:
+            if not args.out:
+                raise ConfigError("--to-hf needs --out DIR, the new Hugging Face folder to write")
+            if rest:
+                raise ConfigError(f"--to-hf takes no config overrides (got {rest[0]!r})")
+            files = export_hf(args.to_hf, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            print(f"wrote {args.out} ({len(files)} safetensors file(s))")
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
