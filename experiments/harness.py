@@ -330,12 +330,23 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(_plain(value), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _changed(value):
+    """The fields of a config dataclass that differ from its defaults (recursively); other values as they are.
+    A field added to the library later, at its default, therefore leaves every existing run name unchanged."""
+    if not dataclasses.is_dataclass(value):
+        return value
+    default = type(value)()
+    return {f.name: _changed(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if getattr(value, f.name) != getattr(default, f.name)}
+
+
 def config_digest(cfg) -> str:
-    """Digest of everything in `cfg` that changes what a run computes: all fields but UNHASHED_FIELDS and the
-    checkpoint cadence; checkpoint.init_from counts by the name of the run it points to."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in UNHASHED_FIELDS}
-    values["checkpoint"] = Path(cfg.checkpoint.init_from).name
-    return digest(values)
+    """Digest of everything in `cfg` that changes what a run computes: the fields that differ from the defaults,
+    but UNHASHED_FIELDS and the checkpoint cadence; checkpoint.init_from counts by the name of the run it
+    points to."""
+    changed = _changed(dataclasses.replace(cfg, checkpoint=type(cfg.checkpoint)(
+        init_from=Path(cfg.checkpoint.init_from).name)))
+    return digest({name: value for name, value in changed.items() if name not in UNHASHED_FIELDS})
 
 
 def slug(text: str) -> str:

@@ -4,8 +4,9 @@
     model.generate(input_ids, do_sample=False, max_new_tokens=64, use_cache=True)
 
 The config and every tensor come from the library's converter (`transformer.hf.configs.hf_config`,
-`transformer.hf.weights.export_tensors`; `python -m transformer.convert --to-hf` writes the same to disk), so
-any config the converter maps (Llama, Mistral, Mixtral) can be compared.
+`transformer.hf.weights.export_tensors`; `python -m transformer.convert --to-hf` writes the same to disk). It is
+meant for the bench's Llama-style models; other families are compared through `from_pretrained` of an exported
+folder (tests/test_hf_convert.py).
 """
 
 from __future__ import annotations

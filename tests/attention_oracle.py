@@ -17,9 +17,10 @@ def np_allowed(q_pos, kv_pos, q_seg=None, kv_seg=None, *, causal, window=0, pref
 
 
 def np_attention(q, k, v, *, causal, q_pos=None, kv_pos=None, q_seg=None, kv_seg=None, window=0, prefix=0,
-                 slopes=None, scale=None, cot=None):
+                 slopes=None, bias=None, scale=None, cot=None):
     """out BQHW and lse BHQ (a query that sees no key: out 0, lse -inf); with `cot`, also dq, dk, dv of
-    sum(out * cot). Query head h reads kv head h // (H / G)."""
+    sum(out * cot), and with `bias` (BHQK, added to the scaled scores) its gradient d bias BHQK last. Query head
+    h reads kv head h // (H / G)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, Q, H, W = q.shape
     K, G = k.shape[1], k.shape[2]
@@ -32,6 +33,8 @@ def np_attention(q, k, v, *, causal, q_pos=None, kv_pos=None, q_seg=None, kv_seg
     if slopes is not None:
         dist = np.abs(q_pos[:, :, None] - kv_pos[:, None, :]).astype(np.float64)
         s = s - np.asarray(slopes, np.float64)[None, :, None, None] * dist[:, None]
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
     ok = np_allowed(q_pos, kv_pos, q_seg, kv_seg, causal=causal, window=window, prefix=prefix)[:, None]
     s = np.where(ok, s, -np.inf)
     m = s.max(-1, keepdims=True)
@@ -50,4 +53,4 @@ def np_attention(q, k, v, *, causal, q_pos=None, kv_pos=None, q_seg=None, kv_seg
     dq = np.einsum("bhqk,bkhw->bqhw", ds, kh) * scale
     dkh = np.einsum("bhqk,bqhw->bkhw", ds, q) * scale
     group = lambda x: x.reshape(B, K, G, R, -1).sum(3)
-    return out, lse, dq, group(dkh), group(dvh)
+    return (out, lse, dq, group(dkh), group(dvh)) + ((ds,) if bias is not None else ())

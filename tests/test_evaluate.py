@@ -191,8 +191,20 @@ def test_cli_prints_tables_and_writes_json(run_dir, tmp_path, capsys):
     assert all(0.0 <= r["accuracy"] <= r["digit_accuracy"] <= 1.0 for r in report["passkey"])
 
 
+def test_cli_held_out_report_of_a_decoder_scores_its_eval_batches(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert evaluate.main([f"run_dir={run_dir}", "eval_batches=2", f"out={out}"]) == 0
+    assert "held-out next_token batches" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    held_out, cfg = report["held_out"], tiny_config(run_dir)
+    assert report["perplexity"] == [] and report["passkey"] == []
+    assert held_out["tokens"] == 2 * cfg.data.global_batch_size * cfg.data.seq_len  # corpus rows: every token
+    assert 0 < held_out["accuracy"] < 1 and held_out["perplexity"] == pytest.approx(np.exp(held_out["loss"]))
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["lengths=16"], "run_dir"),
+    (["run_dir={run}"], "lengths=<comma-separated sequence lengths> is required for a decoder"),
     (["run_dir={run}", "lengths=16,x"], "lengths"),
     (["run_dir={run}", "lengths=16", "bogus=1"], "bogus"),
     (["run_dir={run}", "lengths=16", "mode=strided"], "mode"),

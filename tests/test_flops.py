@@ -63,8 +63,9 @@ def test_executed_flops_match_xla_cost_analysis(name):
     assert executed - report.model_flops_per_step == pytest.approx(extra_per_token(cfg.model) * B * L, abs=1)
 
 
-def test_encoder_decoder_forward_backward_matches_xla():
-    """transformer.train only trains decoders, so the check compiles the model's loss gradient directly."""
+@pytest.mark.parametrize("target_len", [L, L // 4])
+def test_encoder_decoder_forward_backward_matches_xla(target_len):
+    """The model's loss gradient compiled directly, for rows of L source and `target_len` decoder tokens."""
     cfg = small("model.architecture=encoder_decoder", "model.num_kv_heads=1").model
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
@@ -72,10 +73,10 @@ def test_encoder_decoder_forward_backward_matches_xla():
         logits_BLV, _ = nnx.merge(graphdef, params, rest)(src_BS, tgt_BL)
         return token_loss_sums(logits_BLV, tgt_BL, jnp.ones(tgt_BL.shape))["ce"]
 
-    tokens_BL = jax.ShapeDtypeStruct((B, L), jnp.int32)
-    xla = aot.xla_flops(jax.jit(jax.grad(loss)).lower(params, rest, tokens_BL, tokens_BL).compile())
-    executed = flops_per_token(cfg, L, executed=True) * B * L
-    assert executed == flops_per_token(cfg, L) * B * L
+    sources_BS, tokens_BL = (jax.ShapeDtypeStruct((B, n), jnp.int32) for n in (L, target_len))
+    xla = aot.xla_flops(jax.jit(jax.grad(loss)).lower(params, rest, sources_BS, tokens_BL).compile())
+    executed = flops_per_token(cfg, L, target_len=target_len, executed=True) * B * target_len
+    assert executed == flops_per_token(cfg, L, target_len=target_len) * B * target_len
     assert executed <= xla <= (1 + TOLERANCE) * executed
 
 

@@ -1,11 +1,12 @@
 """transformer.convert: Hugging Face folders (built here with random weights, no network, no torch) imported
 into run directories and exported back. References: the bytes of the source tensors (round trip) and a
-float64 NumPy forward of the Llama / Mistral / Mixtral equations written from the HF code, independent of the
-library's mapping. With `transformers` installed, its logits and greedy generation too."""
+float64 NumPy forward of the Llama / Mistral / Mixtral / Qwen2 / GPT-2 equations written from the HF code,
+independent of the library's mapping. With `transformers` installed, its logits and greedy generation too."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -15,8 +16,11 @@ import pytest
 import safetensors.numpy as safetensors_numpy
 from flax import nnx
 
+from scipy.special import erf
+
 from transformer import convert
-from transformer.hf import folder as hf_folder
+from transformer.config import ConfigError, ModelConfig
+from transformer.hf import configs, folder as hf_folder
 from transformer.runs import load_model
 
 D, H, G, W, F, V, N, E = 32, 4, 2, 8, 48, 97, 3, 4
@@ -35,22 +39,53 @@ FAMILIES = {
     "mistral": {**BASE, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 5},
     "mixtral": {**BASE, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": E,
                 "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02, "sliding_window": None},
+    "llama_biases": {**BASE, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "attention_bias": True,
+                     "mlp_bias": True},
+    # the window on layers 1 and 2 only: model.attention_pattern="global,local,local"
+    "qwen2": {**BASE, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True,
+              "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+    "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": V, "n_embd": D, "n_layer": N,
+             "n_head": H, "n_positions": 32, "n_inner": None, "activation_function": "gelu_new",
+             "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.1, "embd_pdrop": 0.1,
+             "attn_pdrop": 0.1, "scale_attn_weights": True, "bos_token_id": 1, "eos_token_id": 2,
+             "torch_dtype": "float32"},
 }
+FAMILIES["gpt2_exact_gelu_untied"] = {**FAMILIES["gpt2"], "activation_function": "gelu", "n_inner": F,
+                                      "tie_word_embeddings": False}
+
+
+def is_gpt2(config: dict) -> bool:
+    return config["model_type"] == "gpt2"
+
+
+def tied(config: dict) -> bool:
+    return config.get("tie_word_embeddings", is_gpt2(config))
 
 
 def hf_tensors(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Random weights with the names and (out, in) shapes of the HF checkpoints."""
+    """Random weights with the names and shapes of the HF checkpoints ((out, in); GPT-2's Conv1D: (in, out))."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(dtype)
+    if is_gpt2(config):
+        return gpt2_tensors(config, normal, dtype)
     out = {"model.embed_tokens.weight": normal(V, D), "model.norm.weight": (1 + normal(D)).astype(dtype)}
-    if not config["tie_word_embeddings"]:
+    if not tied(config):
         out["lm_head.weight"] = normal(V, D)
+    qkv_bias = config["model_type"] == "qwen2" or config.get("attention_bias")
     for i in range(N):
         p = f"model.layers.{i}."
         out |= {p + "self_attn.q_proj.weight": normal(H * W, D), p + "self_attn.k_proj.weight": normal(G * W, D),
                 p + "self_attn.v_proj.weight": normal(G * W, D), p + "self_attn.o_proj.weight": normal(D, H * W),
                 p + "input_layernorm.weight": (1 + normal(D)).astype(dtype),
                 p + "post_attention_layernorm.weight": (1 + normal(D)).astype(dtype)}
+        if qkv_bias:
+            out |= {p + "self_attn.q_proj.bias": normal(H * W), p + "self_attn.k_proj.bias": normal(G * W),
+                    p + "self_attn.v_proj.bias": normal(G * W)}
+        if config.get("attention_bias"):
+            out[p + "self_attn.o_proj.bias"] = normal(D)
+        if config.get("mlp_bias"):
+            out |= {p + "mlp.gate_proj.bias": normal(F), p + "mlp.up_proj.bias": normal(F),
+                    p + "mlp.down_proj.bias": normal(D)}
         if config["model_type"] == "mixtral":
             out[p + "block_sparse_moe.gate.weight"] = normal(E, D)
             for e in range(E):
@@ -59,6 +94,25 @@ def hf_tensors(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.nd
         else:
             out |= {p + "mlp.gate_proj.weight": normal(F, D), p + "mlp.up_proj.weight": normal(F, D),
                     p + "mlp.down_proj.weight": normal(D, F)}
+    return out
+
+
+def gpt2_tensors(config: dict, normal, dtype) -> dict[str, np.ndarray]:
+    inner = config["n_inner"] or 4 * D
+    scale = lambda: (1 + normal(D)).astype(dtype)
+    t = "transformer."
+    out = {t + "wte.weight": normal(V, D), t + "wpe.weight": normal(config["n_positions"], D),
+           t + "ln_f.weight": scale(), t + "ln_f.bias": normal(D)}
+    if not tied(config):
+        out["lm_head.weight"] = normal(V, D)
+    for i in range(N):
+        p = f"{t}h.{i}."
+        out |= {p + "ln_1.weight": scale(), p + "ln_1.bias": normal(D), p + "ln_2.weight": scale(),
+                p + "ln_2.bias": normal(D), p + "attn.c_attn.weight": normal(D, 3 * D),
+                p + "attn.c_attn.bias": normal(3 * D), p + "attn.c_proj.weight": normal(D, D),
+                p + "attn.c_proj.bias": normal(D), p + "mlp.c_fc.weight": normal(D, inner),
+                p + "mlp.c_fc.bias": normal(inner), p + "mlp.c_proj.weight": normal(inner, D),
+                p + "mlp.c_proj.bias": normal(D)}
     return out
 
 
@@ -107,27 +161,44 @@ def _rope(x_LHW, inv):
     return x_LHW * cos + rotated * sin
 
 
+def _layer_windows(config: dict) -> list[int]:
+    """Each layer's sliding window (0: none) as the HF model computes it."""
+    if config["model_type"] == "qwen2":
+        window = config["sliding_window"] if config.get("use_sliding_window") else 0
+        return [window if i >= config["max_window_layers"] else 0 for i in range(N)]
+    return [0 if config["model_type"] in ("llama", "gpt2") else config.get("sliding_window") or 0] * N
+
+
+def _softmax_attention(q, k, v, window):
+    """Causal attention of (L, H, W) queries to (L, H, W) keys/values, scaled by 1/sqrt(W) -> (L, H W)."""
+    L = len(q)
+    q_pos, k_pos = np.arange(L)[:, None], np.arange(L)[None]
+    visible = (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
+    scores = np.where(visible[None], np.einsum("qhw,khw->hqk", q, k) / np.sqrt(W), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("hqk,khw->qhw", probs, v).reshape(L, -1)
+
+
 def reference_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
     t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+    if is_gpt2(config):
+        return gpt2_reference_logits(config, t, tokens)
     eps, L = config["rms_norm_eps"], len(tokens)
     x = t["model.embed_tokens.weight"][tokens]
-    q_pos, k_pos = np.arange(L)[:, None], np.arange(L)[None]
-    visible = k_pos <= q_pos
-    if config.get("sliding_window"):
-        visible &= q_pos - k_pos < config["sliding_window"]
     silu = lambda z: z / (1 + np.exp(-z))
-    for i in range(N):
+
+    def linear(h, name):  # nn.Linear: h W^T (+ b)
+        return h @ t[name + ".weight"].T + t.get(name + ".bias", 0.0)
+
+    for i, window in enumerate(_layer_windows(config)):
         p = f"model.layers.{i}."
         h = _rms(x, t[p + "input_layernorm.weight"], eps)
-        q = _rope((h @ t[p + "self_attn.q_proj.weight"].T).reshape(L, H, W), _inv_freq(config))
-        k = _rope((h @ t[p + "self_attn.k_proj.weight"].T).reshape(L, G, W), _inv_freq(config))
-        v = (h @ t[p + "self_attn.v_proj.weight"].T).reshape(L, G, W)
+        q = _rope(linear(h, p + "self_attn.q_proj").reshape(L, H, W), _inv_freq(config))
+        k = _rope(linear(h, p + "self_attn.k_proj").reshape(L, G, W), _inv_freq(config))
+        v = linear(h, p + "self_attn.v_proj").reshape(L, G, W)
         k, v = np.repeat(k, H // G, axis=1), np.repeat(v, H // G, axis=1)
-        scores = np.einsum("qhw,khw->hqk", q, k) / np.sqrt(W)
-        scores = np.where(visible[None], scores, -np.inf)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        x = x + np.einsum("hqk,khw->qhw", probs, v).reshape(L, H * W) @ t[p + "self_attn.o_proj.weight"].T
+        x = x + linear(_softmax_attention(q, k, v, window), p + "self_attn.o_proj")
         h = _rms(x, t[p + "post_attention_layernorm.weight"], eps)
         if config["model_type"] == "mixtral":
             logits = h @ t[p + "block_sparse_moe.gate.weight"].T
@@ -142,10 +213,36 @@ def reference_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
                     out[row] += g * (a @ t[q_ + "w2.weight"].T)
             x = x + out
         else:
-            a = silu(h @ t[p + "mlp.gate_proj.weight"].T) * (h @ t[p + "mlp.up_proj.weight"].T)
-            x = x + a @ t[p + "mlp.down_proj.weight"].T
+            a = silu(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj")
+            x = x + linear(a, p + "mlp.down_proj")
     x = _rms(x, t["model.norm.weight"], eps)
-    head = t["model.embed_tokens.weight"] if config["tie_word_embeddings"] else t["lm_head.weight"]
+    head = t["model.embed_tokens.weight"] if tied(config) else t["lm_head.weight"]
+    return x @ head.T
+
+
+def _layer_norm(x, w, b, eps):
+    c = x - x.mean(-1, keepdims=True)
+    return c / np.sqrt(np.mean(c * c, -1, keepdims=True) + eps) * w + b
+
+
+GELUS = {"gelu_new": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3))),
+         "gelu": lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2)))}
+
+
+def gpt2_reference_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
+    """GPT2LMHeadModel: learned positions, pre-LayerNorm blocks, Conv1D (x W + b with W stored (in, out))."""
+    eps, L, act = config["layer_norm_epsilon"], len(tokens), GELUS[config["activation_function"]]
+    x = t["transformer.wte.weight"][tokens] + t["transformer.wpe.weight"][:L]
+    conv1d = lambda h, name: h @ t[name + ".weight"] + t[name + ".bias"]
+    for i in range(N):
+        p = f"transformer.h.{i}."
+        h = _layer_norm(x, t[p + "ln_1.weight"], t[p + "ln_1.bias"], eps)
+        q, k, v = (z.reshape(L, H, W) for z in np.split(conv1d(h, p + "attn.c_attn"), 3, axis=-1))
+        x = x + conv1d(_softmax_attention(q, k, v, 0), p + "attn.c_proj")
+        h = _layer_norm(x, t[p + "ln_2.weight"], t[p + "ln_2.bias"], eps)
+        x = x + conv1d(act(conv1d(h, p + "mlp.c_fc")), p + "mlp.c_proj")
+    x = _layer_norm(x, t["transformer.ln_f.weight"], t["transformer.ln_f.bias"], eps)
+    head = t["transformer.wte.weight"] if tied(config) else t["lm_head.weight"]
     return x @ head.T
 
 
@@ -180,16 +277,20 @@ def test_import_matches_the_float64_reference_and_round_trips_bit_for_bit(tmp_pa
 
 def _normalised(config: dict) -> dict:
     """Keys the export writes in canonical form (same values as the source's)."""
+    if is_gpt2(config):
+        return {}
     out = {"head_dim": W}
-    if config["model_type"] != "llama":
+    if config["model_type"] in ("mistral", "mixtral"):
         out["sliding_window"] = config.get("sliding_window")
     if config.get("rope_scaling") is None:
         out["rope_scaling"] = None
     return out
 
 
-def test_sharded_bfloat16_folder_imports_onto_a_mesh_shard_by_shard_and_exports_the_same_bytes(tmp_path, monkeypatch):
-    config = {**FAMILIES["mixtral"], "torch_dtype": "bfloat16"}
+@pytest.mark.parametrize("name", ["mixtral", "gpt2"])  # gpt2: q, k, v shards cut from the fused c_attn
+def test_sharded_bfloat16_folder_imports_onto_a_mesh_shard_by_shard_and_exports_the_same_bytes(tmp_path, monkeypatch,
+                                                                                                name):
+    config = {**FAMILIES[name], "torch_dtype": "bfloat16"}
     tensors = hf_tensors(config, seed=3, dtype=ml_dtypes.bfloat16)
     source = write_hf(tmp_path / "hf", config, tensors, shards=3)
     reads = []
@@ -232,32 +333,44 @@ def test_converted_run_generates_and_fine_tunes(tmp_path):
     assert summary["origin"] == "init_from" and summary["step"] == 2 and np.isfinite(summary["losses"]).all()
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("no_config", "has no config.json"),
-    ("unknown_type", "model_type='gptj'"),
-    ("not_yet", "model_type='qwen2': needs q/k/v projection biases"),
-    ("bias", "attention_bias=True"),
-    ("missing", "lacks tensor 'model.layers.2.mlp.up_proj.weight'"),
-    ("extra", "has tensor 'model.layers.0.self_attn.q_proj.bias'"),
-    ("shape", "tensor 'model.norm.weight' has shape (31,) but config.json implies (32,)"),
-    ("rope", "rope_scaling.rope_type='longrope'"),
-])
-def test_bad_folders_fail_with_one_line_and_write_nothing(tmp_path, capsys, problem, expected):
-    config, tensors = dict(FAMILIES["llama"]), hf_tensors(FAMILIES["llama"])
-    if problem == "unknown_type":
-        config["model_type"] = "gptj"
-    if problem == "not_yet":
-        config["model_type"] = "qwen2"
-    if problem == "bias":
-        config["attention_bias"] = True
-    if problem == "missing":
-        del tensors["model.layers.2.mlp.up_proj.weight"]
-    if problem == "extra":
-        tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(H * W, np.float32)
-    if problem == "shape":
-        tensors["model.norm.weight"] = np.ones(D - 1, np.float32)
-    if problem == "rope":
-        config["rope_scaling"] = {"rope_type": "longrope", "factor": 2.0}
+BAD_FOLDERS = {  # problem: (family, change to its config.json or tensors, the error's words)
+    "no_config": ("llama", lambda c, t: None, "has no config.json"),
+    "unknown_type": ("llama", lambda c, t: c.update(model_type="gptj"), "model_type='gptj'"),
+    "not_yet": ("llama", lambda c, t: c.update(model_type="deepseek_v2"),
+                "model_type='deepseek_v2': needs multi-head latent attention"),
+    "mistral_bias": ("mistral", lambda c, t: c.update(attention_bias=True),
+                     "attention_bias=True: MistralForCausalLM has no such biases"),
+    "activation": ("llama", lambda c, t: c.update(hidden_act="gelu"), "hidden_act='gelu'"),
+    "missing": ("llama", lambda c, t: t.pop("model.layers.2.mlp.up_proj.weight"),
+                "lacks tensor 'model.layers.2.mlp.up_proj.weight'"),
+    "extra": ("llama", lambda c, t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(H * W, np.float32)}),
+              "has tensor 'model.layers.0.self_attn.q_proj.bias'"),
+    "missing_bias": ("qwen2", lambda c, t: t.pop("model.layers.1.self_attn.k_proj.bias"),
+                     "lacks tensor 'model.layers.1.self_attn.k_proj.bias'"),
+    "shape": ("llama", lambda c, t: t.update({"model.norm.weight": np.ones(D - 1, np.float32)}),
+              "tensor 'model.norm.weight' has shape (31,) but config.json implies (32,)"),
+    "rope": ("llama", lambda c, t: c.update(rope_scaling={"rope_type": "longrope", "factor": 2.0}),
+             "rope_scaling.rope_type='longrope'"),
+    "qwen2_layer_types": ("qwen2", lambda c, t: c.update(use_sliding_window=False,
+                                                         layer_types=["full_attention"] + ["sliding_attention"] * 2),
+                          "layer_types=['full_attention', 'sliding_attention', 'sliding_attention']: has sliding"),
+    "gpt2_inverse_layer_idx": ("gpt2", lambda c, t: c.update(scale_attn_by_inverse_layer_idx=True),
+                               "scale_attn_by_inverse_layer_idx=True: the library computes GPT-2's plain attention"),
+    "gpt2_reorder": ("gpt2", lambda c, t: c.update(reorder_and_upcast_attn=True), "reorder_and_upcast_attn=True"),
+    "gpt2_unscaled": ("gpt2", lambda c, t: c.update(scale_attn_weights=False), "scale_attn_weights=False"),
+    "gpt2_activation": ("gpt2", lambda c, t: c.update(activation_function="swish"), "activation_function='swish'"),
+    "gpt2_conv1d_shape": ("gpt2", lambda c, t: t.update({"transformer.h.0.mlp.c_fc.weight": np.zeros((4 * D, D),
+                                                                                                     np.float32)}),
+                          "tensor 'transformer.h.0.mlp.c_fc.weight' has shape (128, 32) but config.json implies "
+                          "(32, 128)"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_FOLDERS))
+def test_bad_folders_fail_with_one_line_and_write_nothing(tmp_path, capsys, problem):
+    name, change, expected = BAD_FOLDERS[problem]
+    config, tensors = dict(FAMILIES[name]), hf_tensors(FAMILIES[name])
+    change(config, tensors)
     source = write_hf(tmp_path / "hf", config, tensors)
     if problem == "no_config":
         (source / "config.json").unlink()
@@ -280,10 +393,68 @@ def test_existing_directories_are_never_overwritten(tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
 
 
+def test_gpt2_hub_layout_without_the_transformer_prefix_and_with_mask_buffers_imports_the_same(tmp_path):
+    config = FAMILIES["gpt2"]
+    tensors = hf_tensors(config)
+    hub = {name.removeprefix("transformer."): value for name, value in tensors.items()}
+    hub |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 32, 32), np.float32)) for i in range(N)}
+    hub |= {f"h.{i}.attn.masked_bias": np.asarray(-1e4, np.float32) for i in range(N)}
+    convert.import_hf(write_hf(tmp_path / "hf", config, hub), tmp_path / "run")
+    np.testing.assert_allclose(our_logits(tmp_path / "run", TOKENS), reference_logits(config, tensors, TOKENS),
+                               atol=2e-5, rtol=2e-5)
+    files = convert.export_hf(tmp_path / "run", tmp_path / "out")  # written as GPT2LMHeadModel saves them
+    assert sorted(safetensors_numpy.load_file(str(files[0]))) == sorted(tensors)
+
+
+QWEN2 = {**FAMILIES["qwen2"], "num_hidden_layers": 6}
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(use_sliding_window=False), ""),
+    (dict(max_window_layers=0), ""),  # every layer slides: sliding_window alone
+    (dict(max_window_layers=6), ""),
+    (dict(max_window_layers=4), "global,global,global,global,local,local"),
+    (dict(layer_types=["sliding_attention", "full_attention"] * 3), "local,global"),
+    (dict(layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2), "local,local,global"),
+])
+def test_qwen2_windows_become_an_attention_pattern_and_export_back(change, pattern):
+    hf = {**QWEN2, **change}
+    cfg = configs.model_config(hf)
+    assert cfg.attention_pattern == pattern and cfg.attention_bias == "qkv"
+    slides = [cfg.layer_window(i) == 5 for i in range(6)]
+    window = 5 if hf["use_sliding_window"] else 0
+    want = [t == "sliding_attention" for t in hf["layer_types"]] if "layer_types" in hf else \
+        [bool(window) and i >= hf["max_window_layers"] for i in range(6)]
+    assert slides == want
+    assert configs.model_config(configs.hf_config(cfg)) == cfg  # from a bare config: no saved keys to lean on
+    assert configs.hf_config(cfg, saved=hf) == {**hf, "head_dim": W, "rope_scaling": None}
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(attention_pattern="local,global", sliding_window=4),
+     "model.attention_pattern='local,global': writing Mistral needs ''"),
+    (dict(position="alibi"), "model.position='alibi': writing an HF family (GPT-2: 'learned') needs 'rope'"),
+    (dict(embed_scale="sqrt_d"), "model.embed_scale='sqrt_d'"),
+    (dict(activation="gelu"), "model.activation='gelu': writing a rotary HF family needs 'swiglu'"),
+    (dict(attention_bias="qkv", mlp_bias=True), "model.mlp_bias=True: writing Qwen2 needs False"),
+    (dict(position="learned", norm="layernorm", attention_bias="all"),
+     "model.embed_scale='auto' scales the token embedding; the HF families need 'none'"),
+    (dict(position="learned", embed_scale="none", norm="layernorm", attention_bias="all"),
+     "model.mlp_bias=False: writing GPT-2 needs True"),
+    (dict(position="learned", embed_scale="none", norm="layernorm", attention_bias="all", mlp_bias=True,
+          activation="swiglu"), "GPT-2 needs a dense MLP with one of gelu, gelu_tanh, relu"),
+])
+def test_configs_no_hf_family_computes_are_refused_on_export(changes, expected):
+    cfg = ModelConfig(vocab_size=V, d_model=D, num_layers=N, num_heads=H, **changes)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        configs.hf_config(cfg)
+
+
 # ---------------------------------------------------------------- against transformers (optional extra)
 
 FOR_CLASS = {"llama": "LlamaForCausalLM", "llama_tied_scaled": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "mixtral": "MixtralForCausalLM"}
+             "mixtral": "MixtralForCausalLM", "llama_biases": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "gpt2": "GPT2LMHeadModel", "gpt2_exact_gelu_untied": "GPT2LMHeadModel"}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -309,3 +480,31 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path, name):
     ours = Generator(str(tmp_path / "run")).generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=6),
                                                      max_len=16)
     assert list(ours.tokens[0]) == hf_out
+
+
+def test_a_folder_with_a_tokenizer_gives_a_run_that_reads_and_generates_through_it(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformer.data.pipeline import make_dataset
+
+    config = FAMILIES["llama"]
+    source = write_hf(tmp_path / "hf", config, hf_tensors(config))
+    words = ["<unk>", "<s>", "</s>", "the", "and", "of", "God", "LORD", "said"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(V - len(words))])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(source / "tokenizer.json"))
+    cfg = convert.import_hf(source, tmp_path / "run")
+    assert cfg.data.dataset == "kjv" and cfg.data.tokenizer == f"hf:{(tmp_path / 'run' / 'hf').absolute()}"
+    assert (tmp_path / "run" / "hf" / "tokenizer.json").is_file()
+    batch = make_dataset(cfg.data, vocab_size=cfg.model.vocab_size).batch(0)
+    assert batch["inputs_BL"].max() < V and {3, 4, 5} <= set(batch["inputs_BL"].ravel().tolist())
+    from transformer import generate
+
+    out = tmp_path / "gen.json"
+    capsys.readouterr()
+    assert generate.main([f"run_dir={tmp_path / 'run'}", "prompt=the LORD said", "max_new_tokens=5", "temperature=0",
+                          f"out={out}"]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["prompt_ids"] == [3, 7, 8]
+    streamed = capsys.readouterr().out.splitlines()[0]  # row 0 streams its text as it decodes
+    assert streamed == tok.decode(row["generated_ids"], skip_special_tokens=True)

@@ -44,7 +44,8 @@ def cfg_with(**kw) -> ModelConfig:
 
 
 def init(cfg: ModelConfig, seed: int = 0):
-    """(graphdef, state) with every weight ~ N(0, init_std) (norm scales 1 + N(0, 0.1), biases 0)."""
+    """(graphdef, state) with every weight ~ N(0, init_std) (norm scales 1 + N(0, 0.1), biases N(0, 0.1), the MoE
+    router bias 0)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
 
@@ -52,8 +53,10 @@ def init(cfg: ModelConfig, seed: int = 0):
         name = jax.tree_util.keystr(path)
         if "scale" in name:
             value = 1 + 0.1 * rng.standard_normal(leaf.shape)
-        elif "bias" in name:
+        elif "router_bias" in name:
             value = np.zeros(leaf.shape)
+        elif "bias" in name:
+            value = 0.1 * rng.standard_normal(leaf.shape)
         else:
             value = cfg.init_std * rng.standard_normal(leaf.shape)
         return jnp.asarray(value, leaf.dtype)
@@ -163,6 +166,13 @@ VARIANTS = {
     "mqa-sinusoidal-postnorm_layernorm_gelu": (dict(position="sinusoidal", num_kv_heads=1, norm_position="post",
                                                     norm="layernorm", activation="gelu"), [6, 6], 18, 0, 0),
     "gqa-nope-untied": (dict(position="nope", num_kv_heads=2, tie_embeddings=False), [6, 6], 18, 0, 0),
+    # T5 bias: 8 one-sided buckets, offsets up to 23 pass max_distance 12
+    "gqa-t5_bias-ragged-blockwise": (dict(position="t5_bias", num_kv_heads=2, relative_buckets=8,
+                                          relative_max_distance=12, attention_kernel="auto", attention_block_size=8),
+                                     [7, 3], 17, 0, 0),
+    "mqa-t5_bias-window4-chunked-unscanned": (dict(position="t5_bias", num_kv_heads=1, relative_buckets=8,
+                                                   relative_max_distance=6, sliding_window=4, scan_layers=False,
+                                                   attention_block_size=4), [12, 12], 12, 4, 3),
     # window 4, 4 slots: 34 decode steps wrap the ring 8 times
     "gqa-rope-window4-ring-blockwise": (dict(num_kv_heads=2, sliding_window=4, attention_kernel="auto",
                                              attention_block_size=4), [6, 6], 34, 0, 0),
@@ -178,6 +188,22 @@ VARIANTS = {
         dict(num_layers=3, scan_layers=False, moe=MoEConfig(num_experts=4, top_k=2, every_k_layers=2,
                                                             router="mixtral", dropless=True,
                                                             num_shared_experts=1)), [6, 6], 18, 0, 0),
+    # biases (Qwen2's q/k/v; GPT-2's everywhere, with learned positions, LayerNorm and exact GELU)
+    "gqa-rope-qkv_bias-gelu_tanh-ragged": (dict(num_kv_heads=2, attention_bias="qkv", activation="gelu_tanh"),
+                                           [7, 3], 15, 0, 0),
+    "mha-learned-layernorm-all_biases-gelu-chunked": (
+        dict(position="learned", embed_scale="none", norm="layernorm", attention_bias="all", mlp_bias=True,
+             activation="gelu", max_seq_len=24), [12, 12], 12, 4, 0),
+    # attention_pattern: windowed and global layers share one cache of every slot; 3 layers = 1 scanned group of
+    # (local, global) + 1 leftover local layer
+    "gqa-rope-pattern_local_global-window4-ragged-blockwise": (
+        dict(num_layers=3, num_kv_heads=2, attention_pattern="local,global", sliding_window=4,
+             attention_kernel="auto", attention_block_size=4), [7, 3], 17, 0, 0),
+    # every layer MoE with a pattern of 2: groups of 2 MoE blocks + a leftover MoE block; biases in every expert
+    "moe-pattern_global_local-window3-biases-chunked-unscanned": (
+        dict(num_layers=3, scan_layers=False, attention_pattern="global,local", sliding_window=3, mlp_bias=True,
+             attention_bias="all", moe=MoEConfig(num_experts=4, top_k=2, every_k_layers=1, router="mixtral",
+                                                 dropless=True, num_shared_experts=1)), [9, 9], 10, 4, 3),
 }
 
 
@@ -195,7 +221,9 @@ def test_decode_equals_full_forward(name):
     assert np.std(np.concatenate(want)) > 0.1  # logits vary: the comparison is not vacuous
     assert cache.slots == num_slots(cfg, max(len(r) for r in rows), extra)
     np.testing.assert_array_equal(np.asarray(cache.lengths_B), [len(r) for r in rows])
-    if cfg.sliding_window:
+    if cfg.attention_pattern:  # a global layer needs every position: no ring buffer
+        assert cache.slots == max(len(r) for r in rows)
+    elif cfg.sliding_window:
         assert cache.slots == cfg.sliding_window + extra < max(len(r) for r in rows)
 
 
@@ -232,8 +260,11 @@ def test_dynamic_ntk_decode_equals_forward_over_the_prefix():
 # ---------------------------------------------------------------------------------------- 2. encoder-decoder
 
 
-def test_encoder_decoder_decode_equals_forward_and_padded_source_equals_alone():
-    cfg = cfg_with(architecture="encoder_decoder", num_kv_heads=2, num_encoder_layers=1)
+@pytest.mark.parametrize("position, biases", [("rope", True), ("t5_bias", False)])  # biases: cross-attention's too
+def test_encoder_decoder_decode_equals_forward_and_padded_source_equals_alone(position, biases):
+    cfg = cfg_with(architecture="encoder_decoder", num_kv_heads=2, num_encoder_layers=1, position=position,
+                   relative_buckets=8, relative_max_distance=5, attention_bias="all" if biases else "none",
+                   mlp_bias=biases)
     graphdef, state = init(cfg, seed=6)
     S, prompt, T = 7, 4, 12
     src_lengths = [S, 4]  # row 1's source is right-padded

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from scipy.special import erf
+
 from attention_oracle import np_attention as oracle_attention
 from transformer import sharding
 from transformer.config import MeshConfig, ModelConfig
@@ -16,7 +18,7 @@ from transformer.layers import attention as attention_layer
 from transformer.layers.attention import Attention
 from transformer.layers.block import Block
 from transformer.layers.embed import Embed
-from transformer.layers.mlp import MLP
+from transformer.layers.mlp import MLP, activation
 from transformer.layers.norms import LayerNorm, RMSNorm
 from transformer.ops import positions as pos_ops
 
@@ -75,25 +77,44 @@ def test_norms_match_numpy_with_float32_statistics():
 # ---------------------------------------------------------------- MLP
 
 
-def _np_gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+_NP_ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0),
+    "gelu": lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+}
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_mlp_matches_numpy(activation):
-    cfg = cfg_with(activation=activation, d_ff=48)
+@pytest.mark.parametrize("mlp_bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
+def test_mlp_matches_numpy(activation, mlp_bias):
+    cfg = cfg_with(activation=activation, d_ff=48, mlp_bias=mlp_bias)
     mlp = MLP(cfg, num_layers=2, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    for bias in (mlp.up_bias, mlp.gate_bias, mlp.down_bias):
+        if bias is not None:
+            bias[...] = jnp.asarray(rng.normal(size=bias.shape), jnp.float32)
+            assert bias.logical_axes in (("mlp",), ("embed",))
+    b = lambda p: 0.0 if p is None else arr(p)
     x = x_BLD()
     xn = np.asarray(x, np.float64)
-    up = xn @ arr(mlp.up_DF)
+    up = xn @ arr(mlp.up_DF) + b(mlp.up_bias)
     if activation == "swiglu":
-        gate = xn @ arr(mlp.gate_DF)
+        gate = xn @ arr(mlp.gate_DF) + b(mlp.gate_bias)
         h = gate / (1 + np.exp(-gate)) * up
     else:
         assert mlp.gate_DF is None
-        h = np.maximum(up, 0) if activation == "relu" else _np_gelu_tanh(up)
-    np.testing.assert_allclose(run(mlp, x), h @ arr(mlp.down_FD), rtol=1e-4, atol=1e-4)
+        h = _NP_ACTIVATIONS[activation](up)
+    np.testing.assert_allclose(run(mlp, x), h @ arr(mlp.down_FD) + b(mlp.down_bias), rtol=1e-4, atol=1e-4)
     assert mlp.up_DF.logical_axes == ("embed", "mlp") and mlp.down_FD.logical_axes == ("mlp", "embed")
+    assert (mlp.down_bias is not None) == mlp_bias
+
+
+@pytest.mark.parametrize("name, other", [("gelu", "gelu_tanh"), ("gelu_tanh", "gelu")])
+def test_gelu_is_exact_erf_and_gelu_tanh_the_approximation(name, other):
+    x = np.linspace(-4, 4, 401)
+    got = np.asarray(activation(name)(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, _NP_ACTIVATIONS[name](x), atol=2e-6)
+    assert np.abs(got - _NP_ACTIVATIONS[other](x)).max() > 1e-4  # the two are told apart
 
 
 # ---------------------------------------------------------------- embedding
@@ -161,9 +182,11 @@ def np_attention(layer, x, *, positions, causal=True, window=0, seg=None, rope=N
     """float64 attention layer: projections here, attention from the shared oracle."""
     x = np.asarray(x, np.float64)
     src = x if context is None else np.asarray(context, np.float64)
-    q = np.einsum("bld,dhw->blhw", x, arr(layer.q_DHW))
-    k = np.einsum("bsd,dgw->bsgw", src, arr(layer.k_DGW))
-    v = np.einsum("bsd,dgw->bsgw", src, arr(layer.v_DGW))
+    bias = lambda p, *shape: 0.0 if p is None else arr(p).reshape(shape)
+    H_, W_, G_ = layer.q_DHW.shape[1], layer.q_DHW.shape[2], layer.k_DGW.shape[1]
+    q = np.einsum("bld,dhw->blhw", x, arr(layer.q_DHW)) + bias(layer.q_bias, H_, W_)
+    k = np.einsum("bsd,dgw->bsgw", src, arr(layer.k_DGW)) + bias(layer.k_bias, G_, W_)
+    v = np.einsum("bsd,dgw->bsgw", src, arr(layer.v_DGW)) + bias(layer.v_bias, G_, W_)
     if rope is not None:
         q, k = _np_rope(q, positions, *rope), _np_rope(k, positions, *rope)
     S = src.shape[1]
@@ -171,7 +194,16 @@ def np_attention(layer, x, *, positions, causal=True, window=0, seg=None, rope=N
     kv_seg = seg if ctx_seg is None or seg is None else ctx_seg
     out, _ = oracle_attention(q, k, v, causal=causal, q_pos=positions, kv_pos=kv_pos, q_seg=seg, kv_seg=kv_seg,
                               window=window, slopes=slopes)
-    return np.einsum("bqhw,hwd->bqd", out, arr(layer.o_HWD))
+    return np.einsum("bqhw,hwd->bqd", out, arr(layer.o_HWD)) + bias(layer.o_bias, layer.o_HWD.shape[2])
+
+
+def randomise_biases(layer, seed=4):
+    """Biases are initialised to 0: give the layer's (if any) random values, so the references see them."""
+    rng = np.random.default_rng(seed)
+    found = [b for b in (layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias) if b is not None]
+    for b in found:
+        b[...] = jnp.asarray(rng.normal(size=b.shape), jnp.float32)
+    return len(found)
 
 
 def _base_inv_freq(d, theta=10000.0):
@@ -185,6 +217,15 @@ ATTENTION_CASES = {
     "gqa_nope_window": dict(cfg=dict(position="nope", sliding_window=3), causal=True),
     "bidirectional_window_blockwise": dict(cfg=dict(position="nope", sliding_window=5, attention_kernel="blockwise",
                                                     attention_block_size=8), causal=False),
+    "gqa_rope_qkv_bias_packed": dict(cfg=dict(num_kv_heads=2, attention_bias="qkv"), causal=True, packed=True,
+                                     biases=3),
+    "mqa_alibi_all_biases_bidirectional": dict(cfg=dict(num_kv_heads=1, position="alibi", attention_bias="all"),
+                                               causal=False, biases=4),
+    # attention_pattern: layer 2 of "local,global,local" is local (window 3), layer 4 global (no window)
+    "pattern_local_layer": dict(cfg=dict(position="nope", sliding_window=3, attention_pattern="local,global,local",
+                                         num_layers=6), causal=True, layer=2, window=3),
+    "pattern_global_layer": dict(cfg=dict(position="nope", sliding_window=3, attention_pattern="local,global,local",
+                                          num_layers=6), causal=True, layer=4, window=0),
 }
 
 
@@ -192,9 +233,10 @@ ATTENTION_CASES = {
 def test_self_attention_matches_numpy(name):
     case = ATTENTION_CASES[name]
     cfg = cfg_with(**case["cfg"])
-    layer = Attention(cfg, num_layers=2, causal=case["causal"], rngs=nnx.Rngs(0))
+    layer = Attention(cfg, num_layers=2, causal=case["causal"], layer=case.get("layer", 0), rngs=nnx.Rngs(0))
     G = cfg.kv_heads
     assert layer.q_DHW.shape == (D, H, 8) and layer.k_DGW.shape == (D, G, 8) and layer.o_HWD.shape == (H, 8, D)
+    assert randomise_biases(layer) == case.get("biases", 0)
     x = x_BLD()
     rng = np.random.default_rng(3)
     seg = None
@@ -206,8 +248,9 @@ def test_self_attention_matches_numpy(name):
         positions = np.broadcast_to(np.arange(L), (B, L)) + rng.integers(0, 5, (B, 1))
     rope = (_base_inv_freq(8), 1.0) if cfg.position == "rope" else None
     slopes = np.asarray(pos_ops.alibi_slopes(H), np.float64) if cfg.position == "alibi" else None
-    want = np_attention(layer, x, positions=positions, causal=case["causal"], window=cfg.sliding_window, seg=seg,
-                        rope=rope, slopes=slopes)
+    window = case.get("window", cfg.sliding_window)
+    want = np_attention(layer, x, positions=positions, causal=case["causal"], window=window, seg=seg, rope=rope,
+                        slopes=slopes)
     got = run(layer, x, positions_BL=jnp.asarray(positions, jnp.int32),
               segment_ids_BL=None if seg is None else jnp.asarray(seg))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

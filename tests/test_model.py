@@ -69,7 +69,7 @@ def unrolled_copy(cfg, scanned):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(nnx.state(scanned))
     stacked = pure["layers"]["groups"]
-    num_groups = cfg.num_layers // (cfg.moe.every_k_layers if cfg.moe.num_experts else 1)
+    num_groups = cfg.num_layers // cfg.layer_group_size
     pure["layers"]["groups"] = {i: jax.tree.map(lambda x: x[i], stacked) for i in range(num_groups)}
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
@@ -227,7 +227,7 @@ def test_encoder_decoder_shapes_and_cross_attention():
     np.testing.assert_array_equal(later[:, :9], logits[:, :9])
     # padded source tokens (segment 0) are invisible to target tokens (segment 1)
     src_seg = jnp.asarray(np.repeat((np.arange(12) < 8)[None].astype(np.int32), B, 0))
-    kwargs = dict(src_segment_ids_BS=src_seg, tgt_segment_ids_BL=jnp.ones((B, L), jnp.int32))
+    kwargs = dict(source_segment_ids_BS=src_seg, segment_ids_BL=jnp.ones((B, L), jnp.int32))
     (padded, _), _ = call(model, src, tgt, **kwargs)
     (repadded, _), _ = call(model, src.at[:, 8:].set(0), tgt, **kwargs)
     np.testing.assert_allclose(padded, repadded, rtol=1e-6, atol=1e-6)

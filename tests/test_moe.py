@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from scipy.special import erf
+
 from transformer import sharding
 from transformer.config import ConfigError, MeshConfig, ModelConfig, MoEConfig
 from transformer.layers import moe as moe_lib
@@ -19,9 +21,10 @@ D, F = 16, 24
 
 def make_cfg(**moe_kwargs) -> ModelConfig:
     activation = moe_kwargs.pop("activation", "swiglu")
+    mlp_bias = moe_kwargs.pop("mlp_bias", False)
     defaults = dict(num_experts=4, top_k=2, router="softmax_topk", capacity_factor=1.0)
     defaults.update(moe_kwargs)
-    return ModelConfig(d_model=D, d_ff=F, num_heads=2, activation=activation, init_std=0.3,
+    return ModelConfig(d_model=D, d_ff=F, num_heads=2, activation=activation, mlp_bias=mlp_bias, init_std=0.3,
                        moe=MoEConfig(**defaults))
 
 
@@ -88,20 +91,32 @@ def np_act(h, name):
     if name == "relu":
         return np.maximum(h, 0)
     if name == "gelu":
+        return 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    if name == "gelu_tanh":
         return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
     return h / (1 + np.exp(-h))
 
 
-def np_ffn(x, up, gate, down, activation):
-    h = x @ up
-    h = np_act(x @ gate, activation) * h if activation == "swiglu" else np_act(h, activation)
-    return h @ down
+def np_ffn(x, up, gate, down, activation, up_bias=0.0, gate_bias=0.0, down_bias=0.0):
+    h = x @ up + up_bias
+    h = np_act(x @ gate + gate_bias, activation) * h if activation == "swiglu" else np_act(h, activation)
+    return h @ down + down_bias
+
+
+BIASES = ("up_bias", "gate_bias", "down_bias", "shared_up_bias", "shared_gate_bias", "shared_down_bias")
 
 
 def np_params(layer):
     get = lambda v: None if v is None else np.asarray(v[...], np.float64)
     names = ("router_w", "w_up", "w_gate", "w_down", "shared_up", "shared_gate", "shared_down", "router_bias")
-    return {n: get(getattr(layer, n)) for n in names}
+    return {n: get(getattr(layer, n)) for n in names + BIASES}
+
+
+def np_biases(p, E, shared: bool):
+    """The up/gate/down biases of expert e (routed: each expert's row of the flattened vectors; 0 without)."""
+    prefix = "shared_" if shared else ""
+    out = [0.0 if p[prefix + n] is None else p[prefix + n] for n in ("up_bias", "gate_bias", "down_bias")]
+    return out if shared else [[0.0 if isinstance(b, float) else b.reshape(E, -1)[e] for b in out] for e in range(E)]
 
 
 def np_layer(p, x, cfg: ModelConfig, dropless=False):
@@ -127,10 +142,12 @@ def np_layer(p, x, cfg: ModelConfig, dropless=False):
         dropped_tokens = np.mean(~keep.any(-1))
         top1 = idx[..., 0]
     expert_out = np.stack([np_ffn(x, p["w_up"][e], None if p["w_gate"] is None else p["w_gate"][e],
-                                  p["w_down"][e], cfg.activation) for e in range(E)], axis=2)
+                                  p["w_down"][e], cfg.activation, *np_biases(p, E, False)[e]) for e in range(E)],
+                          axis=2)
     y = np.einsum("ble,bled->bld", coef, expert_out)
     if p["shared_up"] is not None:
-        y = y + np_ffn(x, p["shared_up"], p["shared_gate"], p["shared_down"], cfg.activation)
+        y = y + np_ffn(x, p["shared_up"], p["shared_gate"], p["shared_down"], cfg.activation,
+                       *np_biases(p, E, True))
     load = assigned.sum((0, 1)) / assigned.sum()
     lb = E * np.sum(load * probs.mean((0, 1)))
     seq = np.mean([E * np.sum(assigned[b].sum(0) / assigned[b].sum() * probs[b].mean(0)) for b in range(B)])
@@ -250,11 +267,15 @@ def test_expert_choice_dispatch_matches_numpy():
 LAYER_CASES = [
     dict(router="softmax_topk", top_k=2, capacity_factor=0.75),
     dict(router="switch", top_k=1, capacity_factor=1.0, activation="relu"),
-    dict(router="mixtral", top_k=2, capacity_factor=0.75, num_shared_experts=1, activation="gelu"),
+    dict(router="mixtral", top_k=2, capacity_factor=0.75, num_shared_experts=1, activation="gelu_tanh"),
     dict(router="expert_choice", top_k=2, capacity_factor=1.0, seq_balance_coef=0.1),
     dict(router="sigmoid_bias", top_k=2, capacity_factor=0.75, num_shared_experts=2, seq_balance_coef=0.1),
     dict(router="mixtral", top_k=2, dropless=True, activation="gelu"),
     dict(router="sigmoid_bias", top_k=3, dropless=True, num_shared_experts=1),
+    # mlp_bias: every routed expert its own biases (capacity drops, dropless, expert choice), shared ones too
+    dict(router="softmax_topk", top_k=2, capacity_factor=0.75, num_shared_experts=1, mlp_bias=True),
+    dict(router="mixtral", top_k=2, dropless=True, num_shared_experts=1, activation="gelu", mlp_bias=True),
+    dict(router="expert_choice", top_k=2, capacity_factor=1.0, activation="relu", mlp_bias=True),
 ]
 
 
@@ -266,6 +287,13 @@ def test_layer_matches_dense_numpy(case):
     layer = MoE(cfg, rngs=nnx.Rngs(0))
     if layer.router_bias is not None:
         layer.router_bias[...] = jnp.asarray([0.3, -0.2, 0.0, 0.1])
+    rng = np.random.default_rng(5)
+    for name in BIASES:
+        if getattr(layer, name) is not None:
+            getattr(layer, name)[...] = jnp.asarray(rng.normal(size=getattr(layer, name).shape), jnp.float32)
+    assert (layer.up_bias is not None) == cfg.mlp_bias
+    if cfg.mlp_bias:
+        assert np.abs(np.asarray(layer.up_bias[...])).min() > 0  # the layer and the reference both see them
     x = inputs()
     y, aux, _ = apply(layer, jnp.asarray(x))
     ref_y, ref_aux = np_layer(np_params(layer), x.astype(np.float64), cfg, dropless=dropless)

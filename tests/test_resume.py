@@ -1,7 +1,8 @@
 """End-to-end resume: a run killed (SIGKILL) or stopped (SIGTERM) and restarted gives the same
-loss trace and final state, bitwise on CPU, as an uninterrupted run; checkpoints written by 2
-processes restore into 1. Every test here starts training subprocesses (tens of seconds of
-compilation each), so all are marked slow: run them with `-m slow`.
+loss trace and final state, bitwise on CPU, as an uninterrupted run (killed runs of every model
+architecture, each on its objective's batches); checkpoints written by 2 processes restore into 1.
+Every test here starts training subprocesses (tens of seconds of compilation each), so all are
+marked slow: run them with `-m slow`.
 
 `python tests/test_resume.py save2 RUN_DIR` is the worker of the 2-process checkpointer test;
 `python tests/test_resume.py slow-train ARGS...` runs transformer.train with a short sleep before
@@ -31,6 +32,11 @@ TRAIN_ARGS = ["--preset", "tiny", f"steps={STEPS}", "checkpoint.every_steps=5", 
               "data.seq_len=32", "data.global_batch_size=4", "optim.warmup_steps=5",
               "log_every=1", "eval_every=0", "progress_bar=false", "tensorboard=false"]
 TIMING_KEYS = ("tokens_per_second", "mfu", "time/")  # keys and key prefixes
+ARCHITECTURE_ARGS = {  # what each architecture adds to TRAIN_ARGS (MLM and span corruption need ids above the bytes)
+    "decoder": (),
+    "encoder": ("model.architecture=encoder", "model.vocab_size=320"),
+    "encoder_decoder": ("model.architecture=encoder_decoder", "model.vocab_size=320", "model.num_encoder_layers=1"),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,12 +127,25 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run of STEPS steps."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_train(run_dir)
-    assert sorted(metrics_by_step(run_dir)) == list(range(1, STEPS + 1))
-    return run_dir
+def references(tmp_path_factory):
+    """`reference(architecture)`: an uninterrupted run of STEPS steps of that architecture, run when first asked
+    for."""
+    runs = {}
+
+    def reference(architecture: str) -> Path:
+        if architecture not in runs:
+            run_dir = tmp_path_factory.mktemp(f"reference_{architecture}") / "run"
+            run_train(run_dir, *ARCHITECTURE_ARGS[architecture])
+            assert sorted(metrics_by_step(run_dir)) == list(range(1, STEPS + 1))
+            runs[architecture] = run_dir
+        return runs[architecture]
+
+    return reference
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> Path:
+    return references("decoder")
 
 
 def assert_same_as_reference(run_dir: Path, reference: Path):
@@ -140,11 +159,12 @@ def assert_same_as_reference(run_dir: Path, reference: Path):
     assert biases and any(np.any(b != 0) for b in biases), "router biases never moved; resume of them is untested"
 
 
-def resume_and_compare(run_dir: Path, reference: Path, saved_step: int, context: str) -> None:
-    """Rerun the interrupted run: it ends equal to the reference, and the records of steps up to the checkpoint
-    it resumed from are untouched (a restart from scratch would rewrite their timings)."""
+def resume_and_compare(run_dir: Path, reference: Path, saved_step: int, context: str, *extra: str) -> None:
+    """Rerun the interrupted run (its TRAIN_ARGS + `extra`): it ends equal to the reference, and the records of
+    steps up to the checkpoint it resumed from are untouched (a restart from scratch would rewrite their
+    timings)."""
     raw_before = raw_records(run_dir)
-    run_train(run_dir)
+    run_train(run_dir, *extra)
     assert_same_as_reference(run_dir, reference)
     raw_after = raw_records(run_dir)
     assert all(raw_after[step] == raw_before[step] for step in range(1, saved_step + 1)), \
@@ -158,10 +178,12 @@ def jax_leaves_with_names(tree) -> list[tuple[str, np.ndarray]]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bitwise(tmp_path, reference):
+@pytest.mark.parametrize("architecture", ARCHITECTURE_ARGS)
+def test_killed_run_resumes_bitwise(tmp_path, references, architecture):
+    reference, extra = references(architecture), ARCHITECTURE_ARGS[architecture]
     run_dir = tmp_path / "run"
     kill_at = random.randrange(6, STEPS - 3)
-    proc = subprocess.Popen(train_command(run_dir, slow=True), cwd=REPO, env=cpu_env(2), text=True,
+    proc = subprocess.Popen(train_command(run_dir, *extra, slow=True), cwd=REPO, env=cpu_env(2), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         killed_after = wait_for_step(proc, run_dir, kill_at)
@@ -175,7 +197,7 @@ def test_killed_run_resumes_bitwise(tmp_path, reference):
     assert all(before[step] == want[step] for step in before), f"killed after step {killed_after}"
     assert killed_after < STEPS
     resume_from = committed_steps(run_dir)[-1]
-    resume_and_compare(run_dir, reference, resume_from, f"killed after step {killed_after}")
+    resume_and_compare(run_dir, reference, resume_from, f"killed after step {killed_after}", *extra)
 
 
 @pytest.mark.slow

@@ -153,16 +153,28 @@ def test_batch_sharding_and_host_local_batch():
 # ---------------------------------------------------------------- parallelisms vs one device
 
 
-def _model_cfg(**overrides) -> ModelConfig:
+SOURCE_LEN = 24  # encoder_decoder: sources of 24 tokens, decoder rows of 16 (cross-attention with S != L)
+
+
+def _model_cfg(architecture: str = "decoder", **overrides) -> ModelConfig:
     base = dict(vocab_size=256, d_model=32, num_layers=2, num_heads=8, num_kv_heads=4, d_ff=64,
-                max_seq_len=16, attention_kernel="reference", attention_block_size=8)
+                max_seq_len=SOURCE_LEN, attention_kernel="reference", attention_block_size=8,
+                architecture=architecture, num_encoder_layers=int(architecture == "encoder_decoder"))
     return ModelConfig(**{**base, **overrides})
 
 
-def _batch(batch: int = 8, length: int = 16):
+def _batch(model_cfg: ModelConfig, batch: int = 8, length: int = 16):
+    """Next-token rows; an encoder-decoder's also have sources (padded: the last 4 tokens of odd rows are
+    segment 0, hidden from the decoder rows, segment 1)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, size=(batch, length + 1), dtype=np.int32)
-    return {"inputs_BL": tokens[:, :-1], "targets_BL": tokens[:, 1:]}
+    rows = {"inputs_BL": tokens[:, :-1], "targets_BL": tokens[:, 1:]}
+    if model_cfg.architecture == "encoder_decoder":
+        segments_BS = np.ones((batch, SOURCE_LEN), np.int32)
+        segments_BS[1::2, -4:] = 0
+        rows |= {"sources_BS": rng.integers(0, 256, size=(batch, SOURCE_LEN), dtype=np.int32),
+                 "source_segment_ids_BS": segments_BS, "segment_ids_BL": np.ones((batch, length), np.int32)}
+    return rows
 
 
 def _loss_and_grads(model_cfg: ModelConfig, mesh, batch):
@@ -174,7 +186,13 @@ def _loss_and_grads(model_cfg: ModelConfig, mesh, batch):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, rest, batch):
-        logits_BLV, aux = nnx.merge(graphdef, params, rest)(batch["inputs_BL"])
+        model = nnx.merge(graphdef, params, rest)
+        if "sources_BS" in batch:
+            logits_BLV, aux = model(batch["sources_BS"], batch["inputs_BL"],
+                                    source_segment_ids_BS=batch["source_segment_ids_BS"],
+                                    segment_ids_BL=batch["segment_ids_BL"])
+        else:
+            logits_BLV, aux = model(batch["inputs_BL"])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets_BL"]).mean()
         return ce + aux["aux_loss"]
 
@@ -198,17 +216,19 @@ def _split_fraction(params) -> float:
     return split / sum(x.size for x in leaves)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)
 def _one_device(model_cfg: ModelConfig):
-    loss, grads, _ = _loss_and_grads(model_cfg, None, _batch())
+    loss, grads, _ = _loss_and_grads(model_cfg, None, _batch(model_cfg))
     return loss, grads
 
 
 def _assert_matches_one_device(model_cfg: ModelConfig, axes: dict, *, min_split: float):
-    batch = _batch()
+    batch = _batch(model_cfg)
     ref_loss, ref_grads = _one_device(model_cfg)
     mesh = mesh_of(**axes)
-    sharding.validate_for_mesh(Config(model=model_cfg, data=DataConfig(seq_len=16, global_batch_size=8)), mesh)
+    data = (DataConfig(seq_len=SOURCE_LEN, target_len=16, global_batch_size=8)
+            if model_cfg.architecture == "encoder_decoder" else DataConfig(seq_len=16, global_batch_size=8))
+    sharding.validate_for_mesh(Config(model=model_cfg, data=data), mesh)
     loss, grads, params = _loss_and_grads(model_cfg, mesh, batch)
     assert _split_fraction(params) >= min_split
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-6)
@@ -232,8 +252,12 @@ def test_tensor_parallel_matches_one_device():
     _assert_matches_one_device(_model_cfg(), dict(tensor=4, data=2), min_split=0.9)
 
 
-def test_sequence_parallel_ring_matches_one_device():
-    _assert_matches_one_device(_model_cfg(), dict(sequence=4, data=2), min_split=0.0)
+@pytest.mark.parametrize("architecture", ["decoder", pytest.param("encoder", marks=pytest.mark.slow),
+                                          pytest.param("encoder_decoder", marks=pytest.mark.slow)])
+def test_sequence_parallel_ring_matches_one_device(architecture):
+    """Ring attention over 4 devices: causal, bidirectional, and cross-attention from 16 decoder rows to 24 source
+    tokens, each split over the ring."""
+    _assert_matches_one_device(_model_cfg(architecture), dict(sequence=4, data=2), min_split=0.0)
 
 
 @pytest.mark.slow  # ~16 s; the MoE layer alone is checked on expert=4 in test_moe.py
@@ -242,6 +266,7 @@ def test_expert_parallel_matches_one_device():
     _assert_matches_one_device(_model_cfg(moe=moe), dict(expert=4, data=2), min_split=0.5)
 
 
-def test_mixed_fsdp_sequence_tensor_matches_one_device():
-    _assert_matches_one_device(_model_cfg(), dict(fsdp=2, sequence=2, tensor=2), min_split=0.9)
+@pytest.mark.parametrize("architecture", ["decoder", "encoder", "encoder_decoder"])
+def test_mixed_fsdp_sequence_tensor_matches_one_device(architecture):
+    _assert_matches_one_device(_model_cfg(architecture), dict(fsdp=2, sequence=2, tensor=2), min_split=0.9)
 

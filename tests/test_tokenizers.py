@@ -124,3 +124,24 @@ def test_pretokenize_refuses_a_non_empty_out_and_bad_jsonl(tmp_path, capsys):
     assert pretokenize.main(["--tokenizer", "bytes", "--out", str(tmp_path / "o2"), str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:2 is not a JSON object with a \"text\" field" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()
+
+
+def test_text_corpus_through_a_tokenizer_feeds_the_decoder_batches(tmp_path, hf_tokenizer_dir):
+    from transformer.data.pipeline import make_dataset
+    from transformer.config import DataConfig
+
+    (tmp_path / "a.txt").write_text(TEXT)
+    spec = f"hf:{hf_tokenizer_dir}"
+    cfg = DataConfig(dataset="text", paths=(str(tmp_path / "a.txt"),), tokenizer=spec, seq_len=16,
+                     global_batch_size=2, eval_fraction=0.1)
+    tok = load_tokenizer(spec)
+    stream = np.append(tok.encode(TEXT), tok.eos_id)
+    batch = make_dataset(cfg, vocab_size=300).batch(0)
+    for row in range(2):  # every row is a window of the tokenized stream
+        window = np.concatenate([batch["inputs_BL"][row], batch["targets_BL"][row][-1:]])
+        starts = [s for s in range(0, len(stream) - 16, 16) if (stream[s:s + 17] == window).all()]
+        assert starts, "row is not a window of the tokenized corpus"
+    with pytest.raises(ConfigError, match="has 300 tokens, more than model.vocab_size=260"):
+        make_dataset(cfg, vocab_size=260)
+    with pytest.raises(ConfigError, match="data.tokenizer='hf:.*' tokenizes the kjv and text corpora"):
+        make_dataset(DataConfig(dataset="copy", tokenizer=spec, seq_len=80), vocab_size=300)

@@ -331,7 +331,10 @@ def test_bad_override_prints_one_line_and_exits_2():
 
 @pytest.mark.parametrize("argv, needle", [(["optim.lr=-1"], "optim.lr"), (["nosuch.field=1"], "nosuch"),
                                           (["data.global_batch_size=12"], "data.global_batch_size=12"),
-                                          (["model.architecture=encoder"], "model.architecture")])
+                                          (["data.objective=mlm"], "data.objective='mlm' cannot train"),
+                                          (["model.architecture=encoder_decoder", "model.vocab_size=320",
+                                            "data.target_len=14", "mesh.data=4", "mesh.sequence=2"],
+                                           "data.target_len=14 is not divisible by 2 x mesh.sequence=2")])
 def test_config_errors_in_process_exit_2(argv, needle, tmp_path, capsys):
     assert train.main([*tiny_args(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,6 +13,7 @@ each letter has one meaning everywhere in the library:
     E  experts                             C  expert capacity (token slots per expert)
     X  routing choices per token (top-k)   A  flattened (token, choice) assignments
     N  stacked layers (scanned parameters, per-layer statistics)
+    O  relative-position buckets (rows of T5's bias table, `relative_bias_OH`)
     M  micro-batches (gradient accumulation)
     U  chunks a length is cut into (chunked loss), P  positions per chunk
     Z  examples of an evaluation set (prompts)

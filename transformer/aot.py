@@ -113,9 +113,20 @@ def parse_out_of_memory(message: str) -> OutOfMemory | None:
     return OutOfMemory(None, None, "total", line)
 
 
+def _jax_backends_started() -> bool:
+    """Whether jax has created its backends (after which XLA_FLAGS no longer applies); importing jax is not enough."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # the private API moved: target_devices reports a shortfall in one line
+        return False
+
+
 def _fake_cpu_devices(count: int) -> None:
     """Ask for `count` CPU devices; must run before jax creates its backends."""
-    if "jax" in sys.modules:
+    if _jax_backends_started():
         import jax
         if jax.device_count() < count:
             raise ValueError(f"jax already started with {jax.device_count()} devices, fewer than --devices {count}; "
@@ -154,18 +165,15 @@ def target_devices(platform: str, count: int | None, topology: str | None):
 def compile_train_step(cfg: Config, mesh):
     """The train step of `transformer.train`, lowered with abstract (sharded) state and batch and compiled."""
     import jax
-    import jax.numpy as jnp
 
     from transformer import sharding
-    from transformer.data.pipeline import BATCH_KEYS
-    from transformer.train import abstract_train_state, make_train_step
+    from transformer.train import abstract_train_state, batch_shapes, make_train_step
 
     with sharding.use_mesh(mesh):
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)
-        shape = (cfg.data.global_batch_size, cfg.data.seq_len)
-        batch_sharding = sharding.named_sharding(("batch", "length"), mesh, shape)
-        batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask_BL" else jnp.int32,
-                                           sharding=batch_sharding) for key in BATCH_KEYS}
+        placed = lambda shape, dtype: jax.ShapeDtypeStruct(
+            shape, dtype, sharding=sharding.named_sharding(("batch", "length"), mesh, shape))
+        batch = {key: placed(*shape_and_dtype) for key, shape_and_dtype in batch_shapes(cfg).items()}
         step = jax.jit(make_train_step(cfg), static_argnums=0, donate_argnums=1, out_shardings=(shardings, None))
         compiled = step.lower(graphdef, abstract, batch).compile()
     return compiled, abstract
@@ -192,10 +200,11 @@ def xla_flops_caveats(cfg: Config, mesh, platform: str) -> tuple[str, ...]:
     from transformer.layers.attention import attention_mask
     from transformer.loss import num_loss_chunks
     from transformer.ops.attention import ring_size, select_kernel
+    from transformer.train import target_len
 
     model, accum = cfg.model, cfg.optim.grad_accum_steps
-    groups = model.num_layers // (model.moe.every_k_layers if model.moe.num_experts else 1)
-    chunks = num_loss_chunks(cfg.data.global_batch_size // accum, cfg.data.seq_len, cfg.loss_chunk_size) \
+    groups = model.num_layers // model.layer_group_size
+    chunks = num_loss_chunks(cfg.data.global_batch_size // accum, target_len(cfg), cfg.loss_chunk_size) \
         if cfg.loss_chunk_size else 1
     ring = ring_size(mesh)
     kernel = select_kernel(model.attention_kernel, attention_mask(model, causal=True), model.dtype,
@@ -220,12 +229,11 @@ def analyze(cfg: Config, mesh, compiled, abstract) -> AotReport:
     import jax
     from flax import nnx
 
-    from transformer.model import flops_per_token
+    from transformer.train import step_work
 
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.filter_state(abstract["model"], nnx.Param)))
     memory = compiled.memory_analysis()
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    per_step = lambda executed: flops_per_token(cfg.model, cfg.data.seq_len, executed=executed) * tokens
+    per_step = lambda executed: math.prod(step_work(cfg, executed=executed))
     return AotReport(
         devices=mesh.size, mesh=dict(mesh.shape), params=params,
         state_bytes_per_device=state_bytes_per_device(abstract),

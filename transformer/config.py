@@ -42,9 +42,11 @@ def described(default: Any, help: str):
     return field(default=default, metadata={"help": help})
 
 
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "nope")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5_bias", "nope")
 ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn", "llama3")
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+ATTENTION_BIASES = ("none", "qkv", "all")
+ATTENTION_KINDS = ("local", "global")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
@@ -52,7 +54,13 @@ ATTENTION_KERNELS = ("auto", "reference", "blockwise", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax_topk", "switch", "mixtral", "expert_choice", "sigmoid_bias")
-DATASETS = ("kjv", "text", "npy", "copy", "associative_recall", "passkey")
+DATASETS = ("kjv", "text", "npy", "copy", "associative_recall", "passkey", "reverse", "sort", "pairs")
+CORPORA = ("kjv", "text", "npy")
+SEQ2SEQ_DATASETS = ("pairs", "copy", "reverse", "sort")
+OBJECTIVES = ("auto", "next_token", "mlm", "span_corruption", "seq2seq")
+OBJECTIVE_DATASETS = {"next_token": DATASETS, "mlm": CORPORA, "span_corruption": CORPORA, "seq2seq": SEQ2SEQ_DATASETS}
+ARCHITECTURE_OBJECTIVES = {"decoder": ("next_token",), "encoder": ("mlm",),
+                           "encoder_decoder": ("span_corruption", "seq2seq")}
 DATA, FSDP, SEQUENCE, TENSOR, EXPERT = "data", "fsdp", "sequence", "tensor", "expert"  # mesh axis names
 MESH_AXES = (DATA, FSDP, SEQUENCE, TENSOR, EXPERT)
 
@@ -106,13 +114,18 @@ class ModelConfig:
     num_kv_heads: int = described(0, "key/value heads; 0: num_heads (MHA), 1: MQA, otherwise GQA")
     head_dim: int = described(0, "width of each head; 0: d_model // num_heads")
     d_ff: int = described(0, "MLP hidden size; 0: 4 * d_model (swiglu: 8/3 * d_model rounded up to 64)")
-    activation: str = described("swiglu", f"MLP activation: {', '.join(ACTIVATIONS)}")
+    activation: str = described("swiglu", "MLP activation: relu, gelu (exact, erf), gelu_tanh (tanh approximation), "
+                                "swiglu")
+    attention_bias: str = described("none", "biases of the attention projections: none, qkv (q, k and v: Qwen2), "
+                                    "all (q, k, v and output: GPT-2, Llama's attention_bias)")
+    mlp_bias: bool = described(False, "biases on every MLP projection (dense MLPs, shared and routed experts)")
     norm: str = described("rmsnorm", f"{', '.join(NORMS)}")
     norm_position: str = described("pre", f"norm before or after each sub-layer: {', '.join(NORM_POSITIONS)}")
     norm_eps: float = described(1e-6, "epsilon of the norms")
     tie_embeddings: bool = described(True, "output projection shares the token embedding matrix")
     max_seq_len: int = described(512, "learned positions: table size; RoPE scaling: the original context length")
-    position: str = described("rope", f"positional encoding: {', '.join(POSITIONS)}")
+    position: str = described("rope", f"positional encoding: {', '.join(POSITIONS)} (t5_bias: T5's learned "
+                              "relative-position bias, one table per layer stack)")
     embed_scale: str = described("auto", "token embedding multiplier before absolute positions are added: "
                                  "sqrt_d, none, or auto (sqrt_d for sinusoidal and learned, else none)")
     rope_theta: float = described(10000.0, "RoPE base frequency")
@@ -122,7 +135,13 @@ class ModelConfig:
     yarn_beta_slow: float = described(1.0, "YaRN: rotations below which a frequency is fully interpolated")
     llama3_low_freq_factor: float = described(1.0, "llama3: wavelengths above max_seq_len / this are interpolated")
     llama3_high_freq_factor: float = described(4.0, "llama3: wavelengths below max_seq_len / this are kept")
+    relative_buckets: int = described(32, "t5_bias: buckets of key - query offsets (bidirectional layers: half "
+                                      "per sign); half of one sign's are exact, the rest logarithmic")
+    relative_max_distance: int = described(128, "t5_bias: offsets at least this far share the last bucket")
     sliding_window: int = described(0, "keys each query sees (local attention); 0: full attention")
+    attention_pattern: str = described("", "per-layer attention: a comma list of local, global repeated over the "
+                                       "layers (layer i takes entry i mod its length); local layers keep "
+                                       "sliding_window, global ones attend to everything; '': every layer alike")
     attention_kernel: str = described("auto", f"{', '.join(ATTENTION_KERNELS)} (auto picks per platform and mask)")
     attention_block_size: int = described(512, "query/key tile of blockwise and ring attention")
     scan_layers: bool = described(True, "jax.lax.scan over stacked layers (false: unrolled, longer compile)")
@@ -152,6 +171,25 @@ class ModelConfig:
     def encoder_layers(self) -> int:
         return self.num_encoder_layers or self.num_layers
 
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """attention_pattern's entries ("local" / "global"); () when every layer attends alike."""
+        return tuple(kind.strip() for kind in self.attention_pattern.split(",")) if self.attention_pattern else ()
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of layer `layer` of a stack (0: full attention)."""
+        kinds = self.attention_kinds
+        if kinds and kinds[layer % len(kinds)] == "global":
+            return 0
+        return self.sliding_window
+
+    @property
+    def layer_group_size(self) -> int:
+        """Blocks per scanned layer group: a multiple of moe.every_k_layers (the MoE layers) and of the attention
+        pattern's length, so every group holds the same blocks."""
+        every_k = self.moe.every_k_layers if self.moe.num_experts else 1
+        return math.lcm(every_k, len(self.attention_kinds) or 1)
+
     def validate(self) -> None:
         for name, value in vars(self).items():
             _check(not isinstance(value, float) or math.isfinite(value),
@@ -161,6 +199,7 @@ class ModelConfig:
         _one_of("model.embed_scale", self.embed_scale, ("auto", "sqrt_d", "none"))
         _one_of("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         _one_of("model.activation", self.activation, ACTIVATIONS)
+        _one_of("model.attention_bias", self.attention_bias, ATTENTION_BIASES)
         _one_of("model.norm", self.norm, NORMS)
         _one_of("model.norm_position", self.norm_position, NORM_POSITIONS)
         _one_of("model.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
@@ -184,14 +223,40 @@ class ModelConfig:
             _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
         if self.position == "sinusoidal":
             _check(self.d_model % 2 == 0, f"model.d_model={self.d_model} must be even for sinusoidal positions")
+        if self.position == "t5_bias":
+            least = 2 if self.architecture == "decoder" else 4  # a bidirectional layer halves them per sign
+            _check(self.relative_buckets >= least,
+                   f"model.relative_buckets={self.relative_buckets} must be >= {least} for model.position='t5_bias' "
+                   f"with model.architecture={self.architecture!r} (at least one exact bucket per sign)")
+            exact = self.relative_buckets // (4 if self.architecture == "encoder" else 2)  # most of any layer
+            _check(self.relative_max_distance > exact,
+                   f"model.relative_max_distance={self.relative_max_distance} must be > {exact}, the offsets "
+                   f"model.relative_buckets={self.relative_buckets} hold exactly")
         if self.rope_scaling != "none":
             _check(self.position == "rope",
                    f"model.rope_scaling={self.rope_scaling!r} needs model.position='rope', not {self.position!r}")
             _check(self.rope_scaling_factor >= 1.0,
                    f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
+        self._check_attention_pattern()
         _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         self.moe.validate()
+
+    def _check_attention_pattern(self) -> None:
+        kinds = self.attention_kinds
+        if not kinds:
+            return
+        name = f"model.attention_pattern={self.attention_pattern!r}"
+        for kind in kinds:
+            _check(kind in ATTENTION_KINDS, f"{name} has entry {kind!r}; write a comma list of 'local' and 'global'")
+        _check(len(kinds) <= self.num_layers,
+               f"{name} has {len(kinds)} entries, more than model.num_layers={self.num_layers}; it repeats over the "
+               "layers, so give at most one entry per layer")
+        if "local" in kinds:
+            _check(self.sliding_window > 0, f"{name} has local layers: set model.sliding_window > 0, their window")
+        else:
+            _check(self.sliding_window == 0, f"{name} has no local layer, so model.sliding_window="
+                                             f"{self.sliding_window} would be unused; set it to 0 or add 'local'")
 
 
 @dataclass(frozen=True)
@@ -235,13 +300,24 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = described("kjv", f"{', '.join(DATASETS)}")
-    paths: tuple[str, ...] = described((), "comma-separated text files/dirs ('text') or .npy token files ('npy')")
+    paths: tuple[str, ...] = described((), "comma-separated text files/dirs ('text'), .npy token files ('npy') or "
+                                       ".jsonl files of {\"source\": ..., \"target\": ...} lines ('pairs')")
     seq_len: int = described(256, "tokens per training row")
     global_batch_size: int = described(16, "rows per step over all devices and micro-batches")
     eval_fraction: float = described(0.02, "tail of the corpus held out for evaluation")
     seed: int = described(0, "seed of the order of training windows and of synthetic examples")
+    tokenizer: str = described("bytes", "how the kjv and text corpora and text prompts become ids: bytes, hf:PATH "
+                               "(a tokenizer.json or its folder) or sentencepiece:PATH (a .model file)")
+    objective: str = described("auto", "next_token, mlm, span_corruption, seq2seq; auto: next_token (decoder), "
+                               "mlm (encoder), encoder_decoder: seq2seq on pairs/copy/reverse/sort, else "
+                               "span_corruption")
+    target_len: int = described(0, "decoder tokens per row of encoder_decoder; 0: derived (span corruption's "
+                                "targets, or copy_length + 1, rounded up to a multiple of 8; pairs: seq_len)")
+    mask_rate: float = described(0.15, "mlm: fraction of a row's tokens selected (80% MASK, 10% random, 10% kept)")
+    noise_density: float = described(0.15, "span_corruption: fraction of a window's tokens corrupted")
+    mean_span_length: float = described(3.0, "span_corruption: mean length of a corrupted span")
     # synthetic tasks
-    copy_length: int = described(32, "copy task: tokens to copy")
+    copy_length: int = described(32, "copy, reverse, sort tasks: random bytes per example")
     num_pairs: int = described(16, "associative recall: key-value pairs per row")
     passkey_digits: int = described(5, "passkey task: digits of the key")
 
@@ -253,8 +329,41 @@ class DataConfig:
         _check(self.seq_len > 1, f"data.seq_len={self.seq_len} must be > 1")
         _check(self.global_batch_size >= 1, f"data.global_batch_size={self.global_batch_size} must be >= 1")
         _check(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
-        if self.dataset in ("text", "npy"):
+        if self.dataset in ("text", "npy", "pairs"):
             _check(len(self.paths) > 0, f"data.dataset={self.dataset!r} needs data.paths=<file or directory,...>")
+        _one_of("data.objective", self.objective, OBJECTIVES)
+        _check(self.target_len >= 0, f"data.target_len={self.target_len} must be >= 0 (0: derived)")
+        _check(0.0 < self.mask_rate < 1.0, f"data.mask_rate={self.mask_rate} must be in (0, 1)")
+        _check(0.0 < self.noise_density < 1.0, f"data.noise_density={self.noise_density} must be in (0, 1)")
+        _check(self.mean_span_length >= 1.0, f"data.mean_span_length={self.mean_span_length} must be >= 1")
+        if self.objective != "auto":
+            self._check_dataset_fits(self.objective)
+
+    def resolve_objective(self, architecture: str) -> str:
+        """data.objective, with 'auto' resolved by `architecture` (model.architecture)."""
+        if self.objective != "auto":
+            return self.objective
+        if architecture == "encoder_decoder":
+            return "seq2seq" if self.dataset in SEQ2SEQ_DATASETS else "span_corruption"
+        return "mlm" if architecture == "encoder" else "next_token"
+
+    def check_architecture(self, architecture: str) -> str:
+        """The objective for `architecture`; ConfigError unless it and data.dataset can train that architecture."""
+        _one_of("model.architecture", architecture, ARCHITECTURES)
+        objective = self.resolve_objective(architecture)
+        valid = ARCHITECTURE_OBJECTIVES[architecture]
+        _check(objective in valid, f"data.objective={objective!r} cannot train model.architecture={architecture!r}; "
+                                   f"use {' or '.join(map(repr, valid + ('auto',)))}")
+        usable = tuple(name for option in valid for name in OBJECTIVE_DATASETS[option])
+        _check(self.dataset in usable, f"data.dataset={self.dataset!r} cannot train model.architecture="
+                                       f"{architecture!r}; choose one of {', '.join(map(repr, usable))}")
+        self._check_dataset_fits(objective)
+        return objective
+
+    def _check_dataset_fits(self, objective: str) -> None:
+        usable = OBJECTIVE_DATASETS[objective]
+        _check(self.dataset in usable, f"data.dataset={self.dataset!r} cannot be used with data.objective="
+                                       f"{objective!r}; choose one of {', '.join(map(repr, usable))}")
 
 
 @dataclass(frozen=True)
@@ -346,16 +455,49 @@ class Config:
                    f"profile_steps={','.join(map(str, self.profile_steps))} must be START,END with "
                    f"0 <= START < END <= steps={self.steps}")
         m, d = self.model, self.data
+        objective = self.objective
         if m.position == "learned":
             _check(d.seq_len <= m.max_seq_len,
                    f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, "
                    "the size of the learned position table")
+        if m.architecture == "encoder_decoder" and m.position == "learned":
+            from transformer.data.objectives import target_length
+
+            target = target_length(d, objective)
+            _check(target <= m.max_seq_len,
+                   f"data.target_len={d.target_len or f'0 (derived: {target})'} is longer than model.max_seq_len="
+                   f"{m.max_seq_len}, the size of the learned position table")
+        _check(d.target_len == 0 or m.architecture == "encoder_decoder",
+               f"data.target_len={d.target_len} applies to model.architecture='encoder_decoder' only, not "
+               f"{m.architecture!r}; set it to 0")
+        defaults = DataConfig()
+        for name, user in (("mask_rate", "mlm"), ("noise_density", "span_corruption"),
+                           ("mean_span_length", "span_corruption")):
+            _check(getattr(d, name) == getattr(defaults, name) or objective == user,
+                   f"data.{name}={getattr(d, name)} applies to data.objective={user!r} only, not {objective!r}; "
+                   "leave it at its default")
+        _check(self.sample_tokens == 0 or m.architecture == "decoder",
+               f"sample_tokens={self.sample_tokens}: the end-of-training sample is a decoder's continuation of "
+               f"sample_prompt, not defined for model.architecture={m.architecture!r}; set sample_tokens=0 (use "
+               "python -m transformer.generate source=... for an encoder_decoder)")
         accum = self.optim.grad_accum_steps
         _check(d.global_batch_size % accum == 0,
                f"data.global_batch_size={d.global_batch_size} is not divisible by optim.grad_accum_steps={accum}")
-        _check(m.vocab_size >= 259 or d.dataset == "npy",
+        _check(m.vocab_size >= 259 or d.dataset == "npy" or d.tokenizer != "bytes",
                f"model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs >= 259)")
+        _check(m.num_encoder_layers == 0 or m.architecture == "encoder_decoder",
+               f"model.num_encoder_layers={m.num_encoder_layers} applies to model.architecture='encoder_decoder' "
+               f"only, not {m.architecture!r}; set it to 0")
+        if objective != "next_token":
+            from transformer.data.objectives import check_objective
+
+            check_objective(d, objective, m.vocab_size)
         return self
+
+    @property
+    def objective(self) -> str:
+        """data.objective with 'auto' resolved by model.architecture; ConfigError when they do not fit."""
+        return self.data.check_architecture(self.model.architecture)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -503,9 +645,25 @@ def _preset_moe() -> Config:
     )
 
 
+def _preset_mlm() -> Config:
+    """`tiny` as a BERT-style masked LM: bidirectional encoder, 15% of tokens masked, loss on them only."""
+    tiny = _preset_tiny()
+    return replace(tiny, model=replace(tiny.model, architecture="encoder", vocab_size=384), run_dir="runs/mlm",
+                   sample_tokens=0)
+
+
+def _preset_t5() -> Config:
+    """`tiny` as a T5-style encoder-decoder: relative position bias, span corruption (15% in spans of 3)."""
+    tiny = _preset_tiny()
+    return replace(tiny, model=replace(tiny.model, architecture="encoder_decoder", position="t5_bias",
+                                       vocab_size=384), run_dir="runs/t5", sample_tokens=0)
+
+
 PRESETS = {
     "default": lambda: Config(),
     "tiny": _preset_tiny,
+    "mlm": _preset_mlm,
+    "t5": _preset_t5,
     "small": _preset_small,
     "125m": _preset_125m,
     "1b": _preset_1b,
@@ -520,15 +678,26 @@ def get_preset(name: str) -> Config:
 
 def load_config_file(path: str) -> Config:
     """The Config returned by `get_config()` in the Python file `path` (an experiment config, e.g.
-    experiments/configs/moe_kjv.py; its docstring states the command that runs it)."""
+    experiments/configs/moe_kjv.py; its docstring states the command that runs it). The file's folder is on
+    sys.path while it runs, so configs can share settings through a sibling module."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     file = Path(path)
     _check(file.is_file() and file.suffix == ".py", f"--config {path!r}: no such Python file")
     spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    loaded = set(sys.modules)
+    sys.path.insert(0, str(file.parent.absolute()))  # a config may import its siblings (shared settings)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(file.parent.absolute()))
+        for name in set(sys.modules) - loaded:  # siblings of another config folder may share these names
+            if getattr(sys.modules[name], "__file__", None) and Path(sys.modules[name].__file__).parent == \
+                    file.parent:
+                del sys.modules[name]
     get_config = getattr(module, "get_config", None)
     _check(callable(get_config), f"--config {path!r} defines no get_config() function")
     cfg = get_config()

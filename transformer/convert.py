@@ -4,10 +4,11 @@
     python -m transformer.convert --to-hf RUN --out DIR [--dtype bfloat16] [--max-shard-gb 5]
 
 --from-hf reads DIR's config.json and safetensors (one file or shards with model.safetensors.index.json),
-maps the config (transformer.hf.configs: Llama, Mistral, Mixtral; anything the library cannot compute is
-refused naming the field) and every tensor (transformer.hf.weights), checks every name and shape against
-the headers before anything is read or written, and writes RUN: config.json (data.dataset=npy with a placeholder path: give the
-token files of the model's own tokenizer with data.paths=...), a params-only checkpoint at
+maps the config (transformer.hf.configs: Llama, Mistral, Mixtral, Qwen2, GPT-2; anything the library cannot
+compute is refused naming the field) and every tensor (transformer.hf.weights), checks every name and shape
+against the headers before anything is read or written, and writes RUN: config.json (data: the KJV through the folder's
+own tokenizer, data.tokenizer=hf:RUN/hf, when the folder has tokenizer.json or tokenizer.model; otherwise
+data.dataset=npy with a placeholder path for token files of the model's tokenizer), a params-only checkpoint at
 step 0 (placed on the mesh of `mesh.*`, each device shard read straight from the files) and hf/ (DIR's
 config.json and tokenizer files). `a.b=value` overrides change the run's config, e.g. model.dtype=bfloat16,
 or model.rope_scaling=yarn model.rope_scaling_factor=4 to extend the context.
@@ -36,7 +37,8 @@ from flax import nnx
 
 from transformer import distributed, sharding
 from transformer.checkpoint import Checkpointer
-from transformer.config import DTYPES, Config, ConfigError, DataConfig, apply_overrides, print_help_if_asked
+from transformer.config import (DTYPES, Config, ConfigError, DataConfig, ModelConfig, apply_overrides,
+                                print_help_if_asked)
 from transformer.hf import configs, folder as hf_folder, weights
 from transformer.model import build_model
 
@@ -55,13 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_config(folder: hf_folder.HFFolder, run_dir: Path, model: ModelConfig) -> DataConfig:
+    """KJV through the folder's own tokenizer (as copied into RUN/hf) when it has one, else npy token files; rows
+    no longer than a learned position table."""
+    own = run_dir.absolute() / HF_DIR
+    seq_len = min(DataConfig.seq_len, model.max_seq_len) if model.position == "learned" else DataConfig.seq_len
+    if (folder.path / "tokenizer.json").is_file():
+        return DataConfig(dataset="kjv", tokenizer=f"hf:{own}", seq_len=seq_len)
+    if (folder.path / "tokenizer.model").is_file():
+        return DataConfig(dataset="kjv", tokenizer=f"sentencepiece:{own / 'tokenizer.model'}", seq_len=seq_len)
+    return DataConfig(dataset="npy", paths=(NO_DATA,), seq_len=seq_len)
+
+
 def import_hf(source: str | Path, run_dir: str | Path, overrides: list[str] = ()) -> Config:
     """Convert the HF folder `source` into the new run directory `run_dir` (see the module docstring)."""
     started = time.perf_counter()
     folder = hf_folder.HFFolder(source)
     run_dir = Path(run_dir)
-    cfg = Config(model=configs.model_config(folder.config), data=DataConfig(dataset="npy", paths=(NO_DATA,)),
-                 run_dir=str(run_dir))
+    model = configs.model_config(folder.config)
+    cfg = Config(model=model, data=_data_config(folder, run_dir, model), run_dir=str(run_dir))
     cfg = apply_overrides(cfg, list(overrides)).validate()
     hf_folder.check_new_dir(run_dir, "--run-dir")
     mesh = sharding.make_mesh(cfg.mesh)

@@ -1,14 +1,23 @@
-"""Evaluation of a trained run: held-out perplexity at many lengths and passkey retrieval.
+"""Evaluation of a trained run: held-out loss and accuracy of its training objective (every architecture),
+and for a decoder perplexity at many lengths and passkey retrieval.
 
     python -m transformer.evaluate run_dir=runs/tiny lengths=128,256,512 [num_sequences=8]
         [mode=chunks|sliding] [stride=N] [passkey_lengths=128,256] [depths=0,0.5,1] [trials=10]
-        [seed=0] [batch_size=8] [out=PATH] [model.rope_scaling=yarn model.rope_scaling_factor=4 ...]
+        [seed=0] [batch_size=8] [eval_batches=N] [out=PATH] [model.rope_scaling=yarn model.rope_scaling_factor=4 ...]
+    python -m transformer.evaluate run_dir=runs/mlm [eval_batches=N]      # an encoder or encoder_decoder run
 
 Any `a.b=value` config override is applied to the run's saved config, so positional scaling
 (rope_scaling and its factors) can change at inference without retraining; overrides that
 change parameter shapes are refused when the checkpoint is loaded. Prints a table and writes
 JSON (default run_dir/evaluation.json). Runs in a single process, on one device unless a
 `mesh.*` override asks for more (a `mesh.sequence` axis > 1 evaluates with ring attention).
+
+Held-out report (`held_out_metrics`): the first eval_batches held-out batches of the run's data.objective,
+scored like the train loop's eval: mean cross-entropy of the scored tokens, its perplexity, and their accuracy
+(argmax == target). For an encoder (MLM) that is masked-token loss and accuracy, for an encoder_decoder the
+loss and token accuracy of the decoder's targets (span corruption's targets, or a seq2seq target), for a
+decoder next-token loss and accuracy. Encoder and encoder_decoder runs get this report by default (eval_batches
+defaults to the run's eval_batches); lengths and passkey_lengths measure a decoder and are refused for them.
 
 Perplexity modes, for each length L over the first `num_sequences` held-out windows of L + 1 tokens:
 - "chunks": each window is one forward pass of L tokens (perplexity *at* context length L).
@@ -36,7 +45,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import runs, sharding
+from transformer import runs, sharding, train
 from transformer.config import (OVERRIDES_TITLE, SEQUENCE, Config, ConfigError, ModelConfig, apply_overrides, described,
                                 print_help_if_asked)
 from transformer.data import make_dataset
@@ -49,6 +58,8 @@ from transformer.ops.layout import ring_length_problem
 from transformer.runs import LoadedModel
 
 MODES = ("chunks", "sliding")
+DECODER_OPTIONS = ("lengths", "passkey_lengths", "num_sequences", "mode", "stride", "batch_size", "depths", "trials",
+                   "seed")  # settings of the measurements of a causal decoder only
 
 
 def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Sequence[str] = (),
@@ -130,6 +141,29 @@ def perplexity_at_lengths(source, lengths: Sequence[int], num_sequences: int = 8
     return results
 
 
+def held_out_metrics(source, num_batches: int = 0, *, model_cfg: ModelConfig | None = None, mesh=None) -> dict:
+    """The held-out report of any architecture (module docstring): a dict with objective, batches, tokens (scored),
+    loss (mean nats per scored token), perplexity and accuracy over the first `num_batches` held-out batches
+    (0: the run's eval_batches), the numbers the train loop's eval logs as eval_loss and eval_accuracy."""
+    loaded = runs.load_model(source, model_cfg=model_cfg, mesh=mesh)
+    cfg = loaded.cfg
+    if num_batches < 0:
+        raise ValueError(f"eval_batches={num_batches} must be >= 0 (0: the run's eval_batches={cfg.eval_batches})")
+    num_batches = num_batches or cfg.eval_batches
+    sharding.validate_for_mesh(cfg, loaded.mesh)
+    data = train.training_dataset(cfg)
+
+    def eval_step(graphdef, state, batch):
+        return _loss_sums(graphdef, state, batch, cfg.loss_chunk_size), {}
+
+    with sharding.use_mesh(loaded.mesh):
+        result = train.evaluate_held_out(eval_step, loaded.graphdef, loaded.state, data, loaded.mesh, num_batches,
+                                         causal=cfg.model.architecture != "encoder")
+    loss = result["eval_loss"]
+    return {"objective": cfg.objective, "batches": num_batches, "tokens": int(result["eval_tokens"]), "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)), "accuracy": result["eval_accuracy"]}
+
+
 def passkey_prompts(length: int, depth: float, trials: int, rng: np.random.Generator, *,
                     digits: int) -> tuple[list[np.ndarray], np.ndarray]:
     """(prompts, answers_ZY): `trials` passkey examples of length + 1 tokens laid out like the training rows of
@@ -186,7 +220,8 @@ class Options:
     passkey_lengths defaults to lengths."""
 
     run_dir: str = described("", "the training run to evaluate (required)")
-    lengths: tuple[int, ...] = described((), "comma-separated lengths L to measure perplexity at (required)")
+    lengths: tuple[int, ...] = described((), "comma-separated lengths L to measure perplexity at (a decoder needs "
+                                     "lengths or eval_batches)")
     num_sequences: int = described(8, "held-out windows per length")
     mode: str = described("chunks", "chunks: one pass per window of L; sliding: windows of data.seq_len by stride")
     stride: int = described(0, "sliding mode: step between windows; 0: data.seq_len // 2")
@@ -195,6 +230,8 @@ class Options:
     depths: tuple[float, ...] = described((0.0, 0.5, 1.0), "passkey positions, a fraction of the prompt (0: start)")
     trials: int = described(10, "passkey prompts per length and depth")
     seed: int = described(0, "seed of the passkey prompts")
+    eval_batches: int = described(0, "held-out batches of the training objective to score; 0: the run's "
+                                     "eval_batches for encoder and encoder_decoder runs, none for a decoder")
     out: str = described("", "JSON report path; '': run_dir/evaluation.json")
 
 
@@ -211,12 +248,24 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, list[str]]:
     given = {arg.split("=", 1)[0] for arg in own}
     if "run_dir" not in given:
         raise ValueError("run_dir=<training run directory> is required")
-    if "lengths" not in given:
-        raise ValueError("lengths=<comma-separated sequence lengths> is required, e.g. lengths=256,512")
     options = apply_overrides(Options(), own)
     if "passkey_lengths" not in given:
         options = dataclasses.replace(options, passkey_lengths=options.lengths)
     return options, [arg for arg in argv if arg not in own]
+
+
+def check_options(options: Options, architecture: str) -> None:
+    """ValueError (one line) unless `options` ask for something a model.architecture run can give."""
+    if architecture != "decoder":
+        defaults = Options()
+        for name in DECODER_OPTIONS:
+            if getattr(options, name) != getattr(defaults, name):
+                raise ValueError(f"{name}= measures a decoder (perplexity vs length, passkey retrieval) but "
+                                 f"model.architecture={architecture!r}; drop {name}= to get the held-out report of "
+                                 "its objective (eval_batches=N sets its size)")
+    elif not options.lengths and not options.eval_batches:
+        raise ValueError("lengths=<comma-separated sequence lengths> is required for a decoder, e.g. "
+                         "lengths=256,512 (or eval_batches=N for the held-out report alone)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,22 +276,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         options, overrides = parse_args(argv)
-        loaded = load_model(options.run_dir, overrides=overrides)
+        loaded = runs.load_model(options.run_dir, overrides=overrides)
+        decoder = loaded.cfg.model.architecture == "decoder"
+        check_options(options, loaded.cfg.model.architecture)
+        held_out = held_out_metrics(loaded, options.eval_batches) if options.eval_batches or not decoder else None
         ppl = perplexity_at_lengths(loaded, options.lengths, options.num_sequences, mode=options.mode,
-                                    stride=options.stride, batch_size=options.batch_size)
+                                    stride=options.stride, batch_size=options.batch_size) if options.lengths else []
         passkey = passkey_accuracy(loaded, options.passkey_lengths, options.depths, options.trials,
                                    seed=options.seed) if options.passkey_lengths else []
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"perplexity ({options.mode}) of {options.run_dir}" + (f" with {' '.join(overrides)}" if overrides else ""))
-    print(_table(ppl, ("length", "loss", "perplexity", "tokens")))
+    tail = f" with {' '.join(overrides)}" if overrides else ""
+    if held_out:
+        print(f"held-out {held_out['objective']} batches of {options.run_dir}{tail}")
+        print(_table([held_out], ("batches", "tokens", "loss", "perplexity", "accuracy")))
+    if ppl:
+        print(("\n" if held_out else "") + f"perplexity ({options.mode}) of {options.run_dir}{tail}")
+        print(_table(ppl, ("length", "loss", "perplexity", "tokens")))
     if passkey:
         print("\npasskey retrieval")
         print(_table(passkey, ("length", "depth", "accuracy", "digit_accuracy", "trials")))
     out = Path(options.out or Path(options.run_dir) / "evaluation.json")
     report = {"run_dir": options.run_dir, "overrides": overrides, "model": dataclasses.asdict(loaded.cfg.model),
-              "num_sequences": options.num_sequences, "perplexity": ppl, "passkey": passkey}
+              "held_out": held_out, "num_sequences": options.num_sequences, "perplexity": ppl, "passkey": passkey}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")

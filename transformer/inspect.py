@@ -17,7 +17,8 @@ Own options (`key=value`, like evaluate.py's); every other argument is a config 
 Figures:
 - parameters: the exact count of the model's nnx.Params from `nnx.eval_shape` (nothing allocated), and their
   bytes in model.param_dtype;
-- training FLOPs per token at data.seq_len (`model.flops_per_token`: 6 x matmul weights + attention);
+- training FLOPs per token at data.seq_len (`model.flops_per_token`: 6 x matmul weights + attention; an
+  encoder-decoder's per target token, with data.seq_len source tokens and its resolved data.target_len);
 - KV-cache bytes per token of context (`inference.cache.bytes_per_token`: K and V of every kv head of every
   layer in model.dtype, plus the slot's int32 position), and the cache of `batch` rows of `context` tokens
   (`cache_bytes`; with a sliding window the ring buffer holds min(context, window) slots). The cache's arrays
@@ -70,6 +71,15 @@ class Report:
     cache_bytes: int  # the formula (inference.cache.cache_bytes)
     allocated_cache_bytes: int  # the arrays of cache_specs, summed
     compiled: dict | None = None  # XLA memory analysis of the decode step (compile=true)
+
+
+def _target(cfg) -> dict:
+    """flops_per_token's target_len for an encoder-decoder (its resolved data.target_len), else nothing."""
+    if cfg.model.architecture != "encoder_decoder":
+        return {}
+    from transformer.data.objectives import target_length
+
+    return {"target_len": target_length(cfg.data, cfg.objective)}
 
 
 def parse_args(argv: Sequence[str]) -> tuple[Options, list[str]]:
@@ -151,7 +161,7 @@ def count(cfg: Config, options: Options = Options()) -> Report:
                           f"not {m.architecture!r}")
     report = dict(params=sum(math.prod(x.shape) for x in params),
                   param_bytes=_nbytes(params), decode_param_bytes=_nbytes(decoding),
-                  flops_per_token=flops_per_token(m, cfg.data.seq_len), seq_len=cfg.data.seq_len,
+                  flops_per_token=flops_per_token(m, cfg.data.seq_len, **_target(cfg)), seq_len=cfg.data.seq_len,
                   batch=options.batch, context=context, source=source)
     if m.architecture == "encoder":
         return Report(**report, slots=0, bytes_per_token=0, cache_bytes=0, allocated_cache_bytes=0)
@@ -253,6 +263,8 @@ def format_report(cfg: Config, r: Report) -> str:
         lines.append("KV cache:                 none (model.architecture='encoder' is bidirectional: no decoding)")
         return "\n".join(lines)
     window = f", sliding window {m.sliding_window}: a ring buffer of {r.slots} slots" if m.sliding_window else ""
+    if "global" in m.attention_kinds:
+        window = f", attention_pattern {m.attention_pattern!r}: its global layers need every slot"
     lines += [
         f"KV cache per token:       {r.bytes_per_token:,} B ({human_bytes(r.bytes_per_token)}: K and V of "
         f"{m.num_layers} layers x {m.kv_heads} kv heads x {m.dim_per_head} in {m.dtype}, + 4 B slot position)",

@@ -1,4 +1,7 @@
-"""Masked token cross-entropy sums of a language model, whole or in chunks of positions (train and evaluate)."""
+"""Masked token cross-entropy and accuracy sums of any model (decoder, encoder, encoder-decoder), whole or in
+chunks of positions (train and evaluate). A batch with "sources_BS" goes to an encoder-decoder: the encoder
+reads the sources and the decoder's inputs_BL are scored against targets_BL; other batches go to a
+single-stack model (next-token or masked-token prediction alike: what is scored is up to the batch)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from transformer.model import EncoderDecoderLM
+
+SUMS = ("ce", "z", "correct", "tokens")
+
 
 def token_loss_sums(logits_BLV, targets_BL, mask_BL) -> dict[str, jax.Array]:
-    """Masked sums of cross-entropy and log(Z)^2, and the number of scored tokens."""
+    """Masked sums of cross-entropy, log(Z)^2 and correct predictions (argmax == target), and the number of
+    scored tokens."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    correct_BL = jax.lax.stop_gradient(jnp.argmax(logits_BLV, axis=-1) == targets_BL)
     return {"ce": jnp.sum((lse_BL - target_BL) * mask_BL), "z": jnp.sum(lse_BL ** 2 * mask_BL),
-            "tokens": jnp.sum(mask_BL)}
+            "correct": jnp.sum(correct_BL * mask_BL), "tokens": jnp.sum(mask_BL)}
 
 
 def num_loss_chunks(batch: int, length: int, chunk_tokens: int) -> int:
@@ -45,19 +54,32 @@ def chunked_loss_sums(model, hidden_BLD, targets_BL, mask_BL, chunk_tokens: int)
     def body(sums, u):
         return jax.tree.map(jnp.add, sums, chunk(model_state, u)), None
 
-    zeros = {name: jnp.zeros((), jnp.float32) for name in ("ce", "z", "tokens")}
+    zeros = {name: jnp.zeros((), jnp.float32) for name in SUMS}
     sums, _ = jax.lax.scan(body, zeros, jnp.arange(U))
     return sums
 
 
+def forward(model, batch: dict, **options):
+    """`model(...)` on the inputs of `batch`: an encoder-decoder batch ("sources_BS") with its source and
+    decoder positions and segment ids, any other batch with its positions and segment ids."""
+    tokens = dict(positions_BL=batch["positions_BL"], segment_ids_BL=batch["segment_ids_BL"], **options)
+    encoder_decoder = isinstance(model, EncoderDecoderLM)
+    if encoder_decoder != ("sources_BS" in batch):
+        raise ValueError(f"the batch {'has' if 'sources_BS' in batch else 'lacks'} sources_BS but the model is "
+                         f"{type(model).__name__}; an EncoderDecoderLM, and only it, reads a source")
+    if not encoder_decoder:
+        return model(batch["inputs_BL"], **tokens)
+    return model(batch["sources_BS"], batch["inputs_BL"], source_positions_BS=batch["source_positions_BS"],
+                 source_segment_ids_BS=batch["source_segment_ids_BS"], **tokens)
+
+
 def loss_sums(model, batch: dict, *, loss_chunk_size: int = 0, update_router_bias: bool = False):
-    """(masked loss sums, aux) of one forward pass over `batch`; chunked when loss_chunk_size > 0."""
-    kwargs = dict(positions_BL=batch["positions_BL"], segment_ids_BL=batch["segment_ids_BL"],
-                  update_router_bias=update_router_bias)
+    """(masked sums of `token_loss_sums`, aux) of one forward pass over `batch`; chunked when
+    loss_chunk_size > 0."""
     if loss_chunk_size:
-        hidden_BLD, aux = model(batch["inputs_BL"], return_hidden=True, **kwargs)
+        hidden_BLD, aux = forward(model, batch, return_hidden=True, update_router_bias=update_router_bias)
         sums = chunked_loss_sums(model, hidden_BLD, batch["targets_BL"], batch["loss_mask_BL"], loss_chunk_size)
     else:
-        logits_BLV, aux = model(batch["inputs_BL"], **kwargs)
+        logits_BLV, aux = forward(model, batch, update_router_bias=update_router_bias)
         sums = token_loss_sums(logits_BLV, batch["targets_BL"], batch["loss_mask_BL"])
     return sums, aux

@@ -1,13 +1,14 @@
 """Language models: decoder-only (`DecoderLM`, the main model), bidirectional `EncoderLM`, and
 `EncoderDecoderLM` (encoder + decoder with cross-attention); `build_model` picks one from the config.
 
-Layers are grouped into `LayerGroup`s of `moe.every_k_layers` blocks (1 for dense models) whose
-last block carries the MoE, so all groups are identical. With `scan_layers` the groups are
-created by `nnx.vmap` (params get a leading "layers" axis) and applied by `jax.lax.scan` over
-split/merged group states; otherwise they are an `nnx.List` applied in a Python loop. Both paths
-run the same (optionally rematerialised) group step, so for equal params they compute the same
-function. Layers left over when num_layers is not a multiple of every_k_layers are dense and
-follow the groups unscanned.
+Layers are grouped into `LayerGroup`s of `ModelConfig.layer_group_size` blocks (a multiple of
+`moe.every_k_layers` and of the `attention_pattern` length; 1 for dense uniform models), so every group
+holds the same MoE and dense blocks with the same windows and all groups are identical. With
+`scan_layers` the groups are created by `nnx.vmap` (params get a leading "layers" axis) and applied by
+`jax.lax.scan` over split/merged group states; otherwise they are an `nnx.List` applied in a Python loop.
+Both paths run the same (optionally rematerialised) group step, so for equal params they compute the same
+function. Layers left over when num_layers is not a multiple of the group size follow the groups
+unscanned, continuing the MoE and attention patterns.
 
 Non-Param state (the MoE `RouterBias`) written inside the step comes back through the scan
 outputs and, with `update_router_bias=True`, is written into the model (in place); otherwise the
@@ -64,29 +65,36 @@ def _group_step(graphdef, *, remat: str, scanned: bool, update_router_bias: bool
 
 
 class LayerStack(nnx.Module):
-    """num_layers blocks, scanned or unrolled; `__call__` -> (x_BLD, MoE stats stacked per MoE layer)."""
+    """num_layers blocks, scanned or unrolled; `__call__` -> (x_BLD, MoE stats stacked per MoE layer).
+
+    With model.position="t5_bias" the stack owns T5's relative-position bias table relative_bias_OH (one row
+    per bucket, one column per head), shared by its layers' self-attention as in T5, and passes it to every
+    layer with the other per-call context."""
 
     def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, rngs: nnx.Rngs):
-        moe = cfg.moe.num_experts > 0
-        size = cfg.moe.every_k_layers if moe else 1
+        size = cfg.layer_group_size
         num_groups, leftover = divmod(num_layers, size)
         self.scan = cfg.scan_layers
         self.remat = cfg.remat
         self.group_size = size
+        init_bias = jax.nn.initializers.normal(stddev=cfg.init_std)
+        self.relative_bias_OH = nnx.Param(
+            init_bias(rngs.params(), (cfg.relative_buckets, cfg.num_heads), jnp.dtype(cfg.param_dtype)),
+            logical_axes=(None, "heads"), weight_decay=False) if cfg.position == "t5_bias" else None  # as T5
 
-        def make(group_size, moe_last, group_rngs):
-            return LayerGroup(cfg, size=group_size, moe_last=moe_last, num_layers=num_layers, causal=causal,
+        def make(first_layer, group_size, group_rngs):
+            return LayerGroup(cfg, first_layer=first_layer, size=group_size, num_layers=num_layers, causal=causal,
                               cross=cross, rngs=group_rngs)
 
         if num_groups == 0:
             self.groups = None
         elif self.scan:
-            create = nnx.vmap(lambda key: make(size, moe, nnx.Rngs(params=key)), in_axes=0, out_axes=0)
+            create = nnx.vmap(lambda key: make(0, size, nnx.Rngs(params=key)), in_axes=0, out_axes=0)
             self.groups = create(jax.random.split(rngs.params(), num_groups))
             _add_layers_axis(self.groups)
         else:
-            self.groups = nnx.List([make(size, moe, rngs) for _ in range(num_groups)])
-        self.leftover = make(leftover, False, rngs) if leftover else None
+            self.groups = nnx.List([make(g * size, size, rngs) for g in range(num_groups)])
+        self.leftover = make(num_groups * size, leftover, rngs) if leftover else None
 
     def _apply(self, group, x_BLD, **step_options):
         graphdef, params, rest = nnx.split(group, nnx.Param, ...)
@@ -95,9 +103,15 @@ class LayerStack(nnx.Module):
             nnx.update(group, rest)
         return x_BLD, aux
 
+    def _with_bias(self, context: dict) -> dict:
+        """The per-call context of every layer, with the stack's T5 bias table when it has one."""
+        if self.relative_bias_OH is None:
+            return context
+        return dict(context, relative_bias_OH=self.relative_bias_OH[...])
+
     def __call__(self, x_BLD: jax.Array, *, update_router_bias: bool = False, **context) -> tuple[jax.Array, dict]:
-        options = dict(update_router_bias=update_router_bias, context=context)
-        stats = {}
+        options = dict(update_router_bias=update_router_bias, context=self._with_bias(context))
+        stats = []  # per group, each MoE block's stats stacked on a leading axis
         if self.groups is not None and self.scan:
             graphdef, params, rest = nnx.split(self.groups, nnx.Param, ...)
             step = _group_step(graphdef, remat=self.remat, scanned=True, **options)
@@ -106,23 +120,25 @@ class LayerStack(nnx.Module):
                 x_BLD, aux, layer_rest = step(x_BLD, *layer)
                 return x_BLD, (aux, layer_rest)
 
-            x_BLD, (stats, rest) = jax.lax.scan(body, x_BLD, (params, rest))
+            x_BLD, (scanned, rest) = jax.lax.scan(body, x_BLD, (params, rest))
+            stats.append(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), scanned))
             if update_router_bias:
                 nnx.update(self.groups, rest)
         elif self.groups is not None:
-            per_group = []
             for group in self.groups:
                 x_BLD, aux = self._apply(group, x_BLD, **options)
-                per_group.append(aux)
-            stats = jax.tree.map(lambda *values: jnp.stack(values), *per_group) if per_group[0] else {}
+                stats.append(aux)
         if self.leftover is not None:
-            x_BLD, _ = self._apply(self.leftover, x_BLD, **options)
-        return x_BLD, stats
+            x_BLD, aux = self._apply(self.leftover, x_BLD, **options)
+            stats.append(aux)
+        stats = [s for s in stats if s]
+        return x_BLD, jax.tree.map(lambda *values: jnp.concatenate(values), *stats) if stats else {}
 
 
     def extend(self, x_BLD: jax.Array, kv, cross, write, **kwargs):
         """Every block's `extend` in order, carrying the stacked caches (kv, cross; see inference.cache), which
         the scan updates in place: (x_BLD, kv, cross)."""
+        kwargs = self._with_bias(kwargs)
         if self.groups is not None and self.scan:
             graphdef, state = nnx.split(self.groups)
             size = self.group_size
@@ -228,32 +244,44 @@ class EncoderDecoderLM(nnx.Module):
         self.decoder = LayerStack(cfg, num_layers=cfg.num_layers, causal=True, cross=True, rngs=rngs)
         self.decoder_norm = make_norm(cfg) if pre else None
 
-    def encode(self, src_BS: jax.Array, *, src_segment_ids_BS: jax.Array | None = None,
-               update_router_bias: bool = False) -> tuple[jax.Array, dict]:
-        check_tokens("src_BS", src_BS)
-        _check_like("src_segment_ids_BS", src_segment_ids_BS, src_BS.shape)
-        x_BSD, stats = self.encoder(self.embed(src_BS), segment_ids_BL=src_segment_ids_BS,
-                                    update_router_bias=update_router_bias)
+    def encode(self, sources_BS: jax.Array, *, source_positions_BS: jax.Array | None = None,
+               source_segment_ids_BS: jax.Array | None = None, update_router_bias: bool = False
+               ) -> tuple[jax.Array, dict]:
+        """(encoder output x_BSD after its final norm, encoder MoE stats). Positions default to arange;
+        segment ids keep attention inside each source segment (0: padding)."""
+        check_tokens("sources_BS", sources_BS)
+        _check_like("source_positions_BS", source_positions_BS, sources_BS.shape)
+        _check_like("source_segment_ids_BS", source_segment_ids_BS, sources_BS.shape)
+        x_BSD, stats = self.encoder(self.embed(sources_BS, source_positions_BS), positions_BL=source_positions_BS,
+                                    segment_ids_BL=source_segment_ids_BS, update_router_bias=update_router_bias)
         if self.encoder_norm is not None:
             x_BSD = self.encoder_norm(x_BSD)
-        return x_BSD, stats
+        return sharding.constrain(x_BSD, ("batch", "length", "embed")), stats
 
-    def __call__(self, src_BS: jax.Array, tgt_BL: jax.Array, *, src_segment_ids_BS: jax.Array | None = None,
-                 tgt_segment_ids_BL: jax.Array | None = None, return_hidden: bool = False,
+    def __call__(self, sources_BS: jax.Array, inputs_BL: jax.Array, *, source_positions_BS: jax.Array | None = None,
+                 source_segment_ids_BS: jax.Array | None = None, positions_BL: jax.Array | None = None,
+                 segment_ids_BL: jax.Array | None = None, return_hidden: bool = False,
                  update_router_bias: bool = False) -> tuple[jax.Array, dict]:
-        """(logits_BLV float32 for the target tokens, aux). Decoder MoE stats are "moe/...",
-        encoder ones "moe/encoder/..."."""
-        check_tokens("tgt_BL", tgt_BL)
-        _check_like("tgt_segment_ids_BL", tgt_segment_ids_BL, tgt_BL.shape)
-        if src_BS.shape[0] != tgt_BL.shape[0]:
-            raise ValueError(f"src_BS batch {src_BS.shape[0]} differs from tgt_BL batch {tgt_BL.shape[0]}")
-        context_BSD, enc_stats = self.encode(src_BS, src_segment_ids_BS=src_segment_ids_BS,
+        """(logits_BLV float32 for the decoder inputs, or the final hidden_BLD with return_hidden, aux).
+        Positions of either side default to arange (explicit ones keep zigzag-ordered rows exact); a target
+        token cross-attends only to source tokens of its segment id. Decoder MoE stats are "moe/...", encoder
+        ones "moe/encoder/..."."""
+        check_tokens("inputs_BL", inputs_BL)
+        _check_like("positions_BL", positions_BL, inputs_BL.shape)
+        _check_like("segment_ids_BL", segment_ids_BL, inputs_BL.shape)
+        if sources_BS.shape[0] != inputs_BL.shape[0]:
+            raise ValueError(f"sources_BS batch {sources_BS.shape[0]} differs from inputs_BL batch "
+                             f"{inputs_BL.shape[0]}")
+        context_BSD, enc_stats = self.encode(sources_BS, source_positions_BS=source_positions_BS,
+                                             source_segment_ids_BS=source_segment_ids_BS,
                                              update_router_bias=update_router_bias)
-        x_BLD, dec_stats = self.decoder(self.embed(tgt_BL), segment_ids_BL=tgt_segment_ids_BL,
-                                        context_BSD=context_BSD, context_segment_ids_BS=src_segment_ids_BS,
+        x_BLD, dec_stats = self.decoder(self.embed(inputs_BL, positions_BL), positions_BL=positions_BL,
+                                        segment_ids_BL=segment_ids_BL, context_BSD=context_BSD,
+                                        context_segment_ids_BS=source_segment_ids_BS,
                                         update_router_bias=update_router_bias)
         if self.decoder_norm is not None:
             x_BLD = self.decoder_norm(x_BLD)
+        x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
         aux = moe_aux(dec_stats)
         enc_aux = moe_aux(enc_stats, prefix="moe/encoder/")
         aux["aux_loss"] = aux["aux_loss"] + enc_aux.pop("aux_loss")
@@ -273,7 +301,7 @@ class EncoderDecoderLM(nnx.Module):
             if src_BS is None:
                 raise ValueError("the first extend of an encoder-decoder needs src_BS, the source to encode")
             src_valid_BS = jnp.ones(src_BS.shape, bool) if src_valid_BS is None else src_valid_BS
-            context_BSD, _ = self.encode(src_BS, src_segment_ids_BS=src_valid_BS.astype(jnp.int32))
+            context_BSD, _ = self.encode(src_BS, source_segment_ids_BS=src_valid_BS.astype(jnp.int32))
             cache = cache._replace(source_valid_BS=src_valid_BS)
         return _extend(self, self.decoder, self.decoder_norm, tokens_BL, cache, valid_BL, fresh,
                        context_BSD=context_BSD, source_valid_BS=cache.source_valid_BS)
@@ -353,15 +381,29 @@ def _moe_work(cfg: ModelConfig, seq_len: int, *, executed: bool) -> tuple[float,
     return experts, (10 * slots * cfg.d_model if executed else 0.0)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> float:
+def _keys_per_query(cfg: ModelConfig, num_layers: int, length: int, causal: bool, executed: bool) -> int:
+    """Keys a query attends to, summed over a stack's layers: `length`, or the layer's sliding window when
+    smaller (bidirectional: 2 window - 1); executed: always `length`."""
+    total = 0
+    for layer in range(num_layers):
+        window = 0 if executed else cfg.layer_window(layer)
+        total += min(length, window if causal else 2 * window - 1) if window else length
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, target_len: int | None = None,
+                    executed: bool = False) -> float:
     """Training (forward + backward) FLOPs per target token of seq_len-token rows: 6 x the matmul weights a
     token passes through + 12 x heads x head width x the keys each query attends to, per attention layer.
 
     Model FLOPs (default; the MFU numerator, PaLM style): MoE layers count the router, the top_k routed
     experts (expert choice: its E C / L filled slots) and the shared experts. A query attends to seq_len
-    keys (causal masks are not halved), or to the sliding window when smaller (bidirectional: 2 window - 1
-    keys). The output projection counts, the embedding lookup does not. Encoder-decoder: an encoder over
-    seq_len source tokens and cross-attention from each target token to all of them.
+    keys (causal masks are not halved), or to its layer's sliding window when smaller (bidirectional:
+    2 window - 1 keys). The output projection counts, the embedding lookup does not (nor do biases).
+    Encoder-decoder: rows of seq_len source tokens and target_len (default seq_len) decoder tokens; per
+    decoder token, the encoder's work over seq_len / target_len source tokens (cross-attention keys and
+    values are projected once per source token) and cross-attention from each decoder token to all seq_len
+    source tokens.
 
     executed=True: the matmul FLOPs the train step runs with the reference attention kernel, i.e. what XLA's
     cost analysis counts besides elementwise work: every query meets every key whatever the mask; capacity
@@ -370,22 +412,29 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -
     recomputation is not counted; the blockwise, cuDNN and ring kernels skip masked tiles and recompute the
     scores (one more L x L matmul) in their backward.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    window = 0 if executed else cfg.sliding_window
-    causal = min(seq_len, window) if window else seq_len
-    bidirectional = min(seq_len, 2 * window - 1) if window else seq_len
-    experts, dispatch = _moe_work(cfg, seq_len, executed=executed)
+    target_len = seq_len if target_len is None else target_len
+    for name, length in (("seq_len", seq_len), ("target_len", target_len)):
+        if length < 1:
+            raise ValueError(f"{name}={length} must be >= 1")
+    experts, dispatch = _moe_work(cfg, target_len, executed=executed)
     per_key = 12 * cfg.num_heads * cfg.dim_per_head
     if cfg.architecture == "encoder_decoder":
-        weights = (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False, experts=experts)
-                   + _stack_matmul_params(cfg, cfg.num_layers, cross=True, experts=experts))
-        attention = per_key * (cfg.encoder_layers * bidirectional + cfg.num_layers * (causal + seq_len))
-        moe_layers = _moe_layers(cfg, cfg.encoder_layers) + _moe_layers(cfg, cfg.num_layers)
+        share = seq_len / target_len  # source tokens per decoder token
+        source_experts, source_dispatch = _moe_work(cfg, seq_len, executed=executed)
+        cross_kv = 2 * cfg.d_model * cfg.kv_heads * cfg.dim_per_head * cfg.num_layers
+        weights = (_stack_matmul_params(cfg, cfg.num_layers, cross=True, experts=experts) - cross_kv
+                   + share * (_stack_matmul_params(cfg, cfg.encoder_layers, cross=False, experts=source_experts)
+                              + cross_kv))
+        attention = per_key * (share * _keys_per_query(cfg, cfg.encoder_layers, seq_len, False, executed)
+                               + _keys_per_query(cfg, cfg.num_layers, target_len, True, executed)
+                               + cfg.num_layers * seq_len)
+        routing = (_moe_layers(cfg, cfg.num_layers) * dispatch
+                   + share * _moe_layers(cfg, cfg.encoder_layers) * source_dispatch)
     else:
         weights = _stack_matmul_params(cfg, cfg.num_layers, cross=False, experts=experts)
-        context = bidirectional if cfg.architecture == "encoder" else causal
-        attention = per_key * cfg.num_layers * context
-        moe_layers = _moe_layers(cfg, cfg.num_layers)
+        encoder = cfg.architecture == "encoder"
+        attention = per_key * _keys_per_query(cfg, cfg.num_layers, seq_len if encoder else target_len, not encoder,
+                                              executed)
+        routing = _moe_layers(cfg, cfg.num_layers) * dispatch
     weights += cfg.d_model * cfg.vocab_size
-    return float(6 * weights + attention + moe_layers * dispatch)
+    return float(6 * weights + attention + routing)

@@ -36,6 +36,7 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
     `architectures`: the model.architecture values the caller can use."""
     if isinstance(source, LoadedModel):
         if model_cfg is None and not overrides and mesh is None:
+            _check_architecture(source.cfg, architectures)
             return source
         source = (source.cfg, source.state)
     if isinstance(source, (str, Path)):
@@ -53,9 +54,7 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
     if model_cfg is not None:
         cfg = dataclasses.replace(cfg, model=model_cfg)
     cfg = apply_overrides(cfg, list(overrides)).validate()
-    if cfg.model.architecture not in architectures:
-        raise ConfigError(f"model.architecture={cfg.model.architecture!r} cannot be used here; this needs "
-                          f"{' or '.join(map(repr, architectures))}")
+    _check_architecture(cfg, architectures)
     if mesh is None:
         mesh = (sharding.make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides)
                 else sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
@@ -69,6 +68,12 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
             _check_shapes(saved, abstract)
             state = jax.device_put(saved, shardings)
     return LoadedModel(cfg, graphdef, state, mesh)
+
+
+def _check_architecture(cfg: Config, architectures: Sequence[str]) -> None:
+    if cfg.model.architecture not in architectures:
+        raise ConfigError(f"model.architecture={cfg.model.architecture!r} cannot be used here; this needs "
+                          f"{' or '.join(map(repr, architectures))}")
 
 
 def _check_shapes(saved, abstract) -> None:

@@ -170,8 +170,8 @@ def validate_for_mesh(cfg: Config, mesh: Mesh) -> None:
     """Raise ConfigError (one line, naming both numbers) unless `cfg` splits evenly over `mesh`.
 
     Checks the global (micro)batch over the batch axes, query and KV heads
-    over `tensor`, the sequence over `sequence` (2 x ring size for causal zigzag), and the
-    experts over `expert`. Call it before compiling anything.
+    over `tensor`, the sequences over `sequence` (`ring_lengths`: 2 x ring size for the causal rows that
+    `place_batch` puts in zigzag order), and the experts over `expert`. Call it before compiling anything.
     """
     model, data = cfg.model, cfg.data
     accum = cfg.optim.grad_accum_steps
@@ -188,15 +188,26 @@ def validate_for_mesh(cfg: Config, mesh: Mesh) -> None:
             raise ConfigError(f"{name}={heads} is not divisible by mesh.tensor={tensor}; "
                               f"use a tensor axis that divides {heads}")
     ring = mesh.shape[SEQUENCE]
-    problem = ring > 1 and layout.ring_length_problem(f"data.seq_len={data.seq_len}", data.seq_len,
-                                                        f"mesh.sequence={ring}", ring,
-                                                        causal=model.architecture != "encoder")
-    if problem:
-        raise ConfigError(problem)
+    for name, length, causal in ring_lengths(cfg) if ring > 1 else ():
+        if problem := layout.ring_length_problem(f"{name}={length}", length, f"mesh.sequence={ring}", ring, causal):
+            raise ConfigError(problem)
     experts = model.moe.num_experts
     if experts and experts % mesh.shape[EXPERT]:
         raise ConfigError(f"model.moe.num_experts={experts} is not divisible by mesh.expert={mesh.shape[EXPERT]}; "
                           f"use an expert axis that divides {experts}")
+
+
+def ring_lengths(cfg: Config) -> tuple[tuple[str, int, bool], ...]:
+    """(config field, length, causal) of each sequence a training row splits over `sequence`: the rows of a
+    decoder (causal) or an encoder (bidirectional); an encoder-decoder's source (bidirectional) and target
+    rows (causal)."""
+    architecture, seq_len = cfg.model.architecture, cfg.data.seq_len
+    if architecture == "encoder_decoder":
+        from transformer.data.objectives import target_length
+
+        target = "data.target_len" if cfg.data.target_len else "the derived data.target_len"
+        return ("data.seq_len", seq_len, False), (target, target_length(cfg.data, cfg.objective), True)
+    return (("data.seq_len", seq_len, architecture != "encoder"),)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -15,11 +15,17 @@ more dims besides a stacked "layers" axis: embeddings, projections, experts, rou
 norm scales and biases are not decayed. Params are kept in model.param_dtype (float32 by
 default) while the model computes in model.dtype (e.g. bfloat16).
 
+Models: every model.architecture trains here on the batches of its data.objective: a decoder on next-token
+rows, an encoder on masked-token (MLM) rows, an encoder-decoder on span-corruption or seq2seq rows (a source
+of data.seq_len tokens, decoder rows of the resolved target length); `loss.loss_sums` feeds each its batch.
+
 Loss: mean token cross-entropy over loss_mask, plus optim.z_loss * mean(log Z ^ 2), plus
 the model's aux["aux_loss"] (MoE balancing). With optim.grad_accum_steps = M the batch is
 split into M strided micro-batches (rows r, r + M, ...); token sums are accumulated so the
 cross-entropy equals the full-batch one, and aux losses are averaged over micro-batches.
-Each micro-batch forward updates the MoE router biases (router='sigmoid_bias').
+Each micro-batch forward updates the MoE router biases (router='sigmoid_bias'). Metrics also carry the
+accuracy of the scored tokens (argmax == target); held-out eval reports eval_loss, eval_perplexity and
+eval_accuracy (next-token accuracy for a decoder, masked-token accuracy for an encoder).
 
 Loop: step N + 1 is dispatched before step N's metrics are read, so the device queue never
 runs dry while the host logs; the NaN guard, logging, eval and checkpoint decisions run one
@@ -47,7 +53,8 @@ from tqdm import tqdm
 from transformer import distributed, sharding
 from transformer.checkpoint import Checkpointer, PreemptionGuard, SaveError, restore_params
 from transformer.config import Config, ConfigError, OptimConfig, config_from_args, print_help_if_asked
-from transformer.data import Dataset, make_dataset
+from transformer.data import Dataset, make_dataset, objectives
+from transformer.data.pipeline import BATCH_KEYS, SOURCE_KEYS
 from transformer.data.placement import local_batch, place_batch
 from transformer.loss import loss_sums
 from transformer.metrics import MetricsWriter, StepTimes, mfu, tokens_per_second
@@ -81,7 +88,10 @@ def lr_schedule(optim: OptimConfig, steps: int) -> Callable[[jax.Array], jax.Arr
 
 
 def decays(variable: nnx.Variable) -> bool:
-    """Whether weight decay applies: matrices (>= 2 dims not counting a stacked "layers" axis)."""
+    """Whether weight decay applies: matrices (>= 2 dims not counting a stacked "layers" axis), unless the param
+    says weight_decay=False (T5's relative-position bias table)."""
+    if variable.get_metadata().get("weight_decay", True) is False:
+        return False
     ndim = np.ndim(variable.get_value())
     axes = getattr(variable, "logical_axes", None) or (None,) * ndim
     return sum(axis != "layers" for axis in axes) >= 2
@@ -139,8 +149,8 @@ def load_or_init(cfg: Config, graphdef, abstract, shardings, ckpt: Checkpointer)
 
 
 def micro_batches(batch: dict, accum: int) -> dict:
-    """(M, B / M, L) micro-batches; micro-batch m holds rows m, m + M, ... so each stays spread over the
-    batch shards."""
+    """(M, B / M, length) micro-batches of every entry (decoder rows L, sources S); micro-batch m holds rows
+    m, m + M, ... so each stays spread over the batch shards."""
     def split(x_BL):
         x_MBL = einops.rearrange(x_BL, "(B M) L -> M B L", M=accum)
         return sharding.constrain(x_MBL, (None, "batch", "length"))
@@ -188,7 +198,8 @@ def make_train_step(cfg: Config):
         z_loss = sums["z"] / num_tokens
         total = loss + z_coef * z_loss + aux["aux_loss"]
         metrics = {"loss": loss, "z_loss": z_loss, "aux_loss": aux["aux_loss"], "total_loss": total,
-                   "grad_norm": grad_norm, "lr": lr, "finite": jnp.isfinite(total) & jnp.isfinite(grad_norm),
+                   "accuracy": sums["correct"] / num_tokens, "grad_norm": grad_norm, "lr": lr,
+                   "finite": jnp.isfinite(total) & jnp.isfinite(grad_norm),
                    **{k: v for k, v in aux.items() if k != "aux_loss"}}
         return nnx.state(train_state), metrics
 
@@ -215,18 +226,23 @@ def make_eval_step(cfg: Config):
 # ---------------------------------------------------------------- loop
 
 
-def evaluate_held_out(eval_step, graphdef, state, data: Dataset, mesh, num_batches: int) -> dict:
-    """{"eval_loss": mean held-out token cross-entropy over `num_batches` eval batches, "eval/moe/...": the
-    MoE routing statistics of those batches (means over batches)}."""
-    ce = tokens = 0.0
+def evaluate_held_out(eval_step, graphdef, state, data: Dataset, mesh, num_batches: int, *,
+                      causal: bool = True) -> dict:
+    """{"eval_loss": mean held-out token cross-entropy over `num_batches` eval batches, "eval_accuracy": the
+    fraction of their scored tokens predicted right (argmax), "eval_tokens": how many were scored,
+    "eval/moe/...": the MoE routing statistics of those batches (means over batches)}. `causal`: as for
+    `place_batch` (False for an encoder)."""
+    totals = {"ce": 0.0, "correct": 0.0, "tokens": 0.0}
     routing = []
     for index in range(num_batches):
-        batch = place_batch(local_batch(data, index, mesh, held_out=True), mesh)
+        batch = place_batch(local_batch(data, index, mesh, held_out=True), mesh, causal=causal)
         sums, stats = jax.device_get(eval_step(graphdef, state, batch))
-        ce, tokens = ce + float(sums["ce"]), tokens + float(sums["tokens"])
+        totals = {key: total + float(sums[key]) for key, total in totals.items()}
         routing.append(stats)
     means = {f"eval/{key}": np.mean([np.asarray(s[key]) for s in routing], axis=0) for key in routing[0]}
-    return {"eval_loss": ce / max(tokens, 1.0), **means}
+    tokens = max(totals["tokens"], 1.0)
+    return {"eval_loss": totals["ce"] / tokens, "eval_accuracy": totals["correct"] / tokens,
+            "eval_tokens": totals["tokens"], **means}
 
 
 def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
@@ -235,6 +251,40 @@ def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
         raise NonFiniteError(f"step {step}: non-finite loss {float(metrics['total_loss'])} or grad norm "
                              f"{float(metrics['grad_norm'])} (the first bad step; its state was not saved; "
                              f"last checkpoint: {saved[-1] if saved else 'none'})")
+
+
+def training_dataset(cfg: Config) -> Dataset:
+    """The batches of cfg's training objective (train's `batch(step)`, held-out `eval_batch(index)`)."""
+    return make_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size, architecture=cfg.model.architecture)
+
+
+def target_len(cfg: Config) -> int:
+    """Length L of the decoder-side rows of cfg's batches: data.seq_len, or an encoder-decoder's resolved
+    data.target_len."""
+    return objectives.target_length(cfg.data, cfg.objective)
+
+
+def batch_shapes(cfg: Config) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+    """(global shape, dtype) of each entry of a batch of cfg's objective, as `Dataset.batch` yields it."""
+    rows = cfg.data.global_batch_size
+    shapes = {key: ((rows, target_len(cfg)), np.dtype(np.float32 if key == "loss_mask_BL" else np.int32))
+              for key in BATCH_KEYS}
+    if cfg.model.architecture == "encoder_decoder":
+        shapes |= {key: ((rows, cfg.data.seq_len), np.dtype(np.int32)) for key in SOURCE_KEYS}
+    return shapes
+
+
+def step_work(cfg: Config, *, executed: bool = False) -> tuple[int, float]:
+    """(tokens per step, FLOPs per token): the tokens a step reads (an encoder-decoder's data.seq_len source and
+    `target_len` decoder tokens alike) and `model.flops_per_token` (model or `executed` FLOPs) spread over them,
+    so that their product is the step's FLOPs."""
+    seq_len = cfg.data.seq_len
+    if cfg.model.architecture != "encoder_decoder":
+        return cfg.data.global_batch_size * seq_len, flops_per_token(cfg.model, seq_len, executed=executed)
+    length = target_len(cfg)
+    per_row = seq_len + length
+    flops_per_row = flops_per_token(cfg.model, seq_len, target_len=length, executed=executed) * length
+    return cfg.data.global_batch_size * per_row, flops_per_row / per_row
 
 
 def throughput(times: dict[str, float], tokens_per_step: int, flops_per_token: float) -> dict[str, float]:
@@ -319,15 +369,16 @@ class Loop:
         self.started = started
         self.train_step = jit_train_step(cfg, shardings)
         self.eval_step = jax.jit(make_eval_step(cfg), static_argnums=0)
-        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.causal = cfg.model.architecture != "encoder"
+        self.tokens_per_step, self.flops_per_token = step_work(cfg)
         self.times = StepTimes()
         process = f"process{jax.process_index()}" if jax.process_count() > 1 else ""
         self.profiler = Profiler(cfg.profile_steps, Path(cfg.run_dir) / PROFILE_DIR / process)
         self.writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.tensorboard, start_step=step)
         self.bar = tqdm(total=cfg.steps, initial=step, desc=f"train ({origin})", dynamic_ncols=True,
                         disable=not cfg.progress_bar or jax.process_index() != 0)
-        self.summary = {"origin": origin, "start_step": step, "losses": [], "eval_loss": None, "preempted": False}
+        self.summary = {"origin": origin, "start_step": step, "losses": [], "eval_loss": None, "eval_accuracy": None,
+                        "preempted": False}
         self.shown: dict = {}  # throughput and host fraction of the last log, for the progress bar
         self.unlogged: dict = {}  # the time to the session's first step, until a record carries it
 
@@ -357,7 +408,7 @@ class Loop:
 
     def fetch(self, step: int) -> dict:
         with self.times.part("data"):
-            return place_batch(local_batch(self.data, step, self.mesh), self.mesh)
+            return place_batch(local_batch(self.data, step, self.mesh), self.mesh, causal=self.causal)
 
     def eval_due(self, step: int) -> bool:
         return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == self.cfg.steps)
@@ -381,8 +432,8 @@ class Loop:
         if state is not None and self.eval_due(step):
             with self.times.part("eval"):
                 record |= evaluate_held_out(self.eval_step, self.graphdef, state, self.data, self.mesh,
-                                            cfg.eval_batches)
-            self.summary["eval_loss"] = record["eval_loss"]
+                                            cfg.eval_batches, causal=self.causal)
+            self.summary |= {key: record[key] for key in ("eval_loss", "eval_accuracy")}
             record["eval_perplexity"] = math.exp(min(record["eval_loss"], 700.0))
         if step % cfg.log_every == 0 or step == cfg.steps or "eval_loss" in record:
             self.log(step, record)
@@ -410,19 +461,16 @@ class Loop:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the run of `cfg` in cfg.run_dir up to cfg.steps. Returns a summary: this session's
-    per-step `losses`, final `step`, `origin` of the state, last `eval_loss`, `tokens_per_second`, `mfu`,
-    `first_step_seconds` (from this call to the first step's results, compilation included), the
-    `compilation_cache_dir` in use and `preempted` (stopped by SIGTERM/SIGINT after saving)."""
+    per-step `losses`, final `step`, `origin` of the state, last `eval_loss` and `eval_accuracy`,
+    `tokens_per_second`, `mfu`, `first_step_seconds` (from this call to the first step's results, compilation
+    included), the `compilation_cache_dir` in use and `preempted` (stopped by SIGTERM/SIGINT after saving)."""
     started = time.perf_counter()
     cfg = cfg.validate()
-    if cfg.model.architecture != "decoder":
-        raise ConfigError(f"model.architecture={cfg.model.architecture!r}: transformer.train trains next-token "
-                          "language models on Dataset batches; use model.architecture='decoder'")
     distributed.initialize()
     cache_dir = use_compilation_cache(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.validate_for_mesh(cfg, mesh)
-    data = make_dataset(cfg.data, "train", vocab_size=cfg.model.vocab_size)
+    data = training_dataset(cfg)
 
     with sharding.use_mesh(mesh):
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)
@@ -473,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         parts = [f"step {summary['step']}", f"loss {summary['loss']}" if summary["loss"] is not None else "",
                  f"eval_loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "",
+                 f"eval_accuracy {summary['eval_accuracy']:.4f}" if summary["eval_accuracy"] is not None else "",
                  f"tokens/s {summary['tokens_per_second']:.0f}" if "tokens_per_second" in summary else "",
                  f"first step {summary['first_step_seconds']:.1f} s" if "first_step_seconds" in summary else "",
                  "preempted: saved and stopped" if summary["preempted"] else ""]
@@ -490,12 +539,13 @@ def _failed(message: str, code: int) -> int:
 
 
 def print_sample(cfg: Config) -> None:
-    """Print what the trained model writes after cfg.sample_prompt (greedy-ish: temperature 0.7, top-p 0.9)."""
+    """Print what the trained decoder writes after cfg.sample_prompt (greedy-ish: temperature 0.7, top-p 0.9)."""
     from transformer.data import tokenizer
     from transformer.inference.generate import Generator
     from transformer.inference.sampling import SamplingConfig
 
-    if cfg.data.dataset == "npy" or cfg.model.vocab_size != tokenizer.VOCAB_SIZE:
+    decoder = cfg.model.architecture == "decoder"
+    if not decoder or cfg.data.dataset == "npy" or cfg.model.vocab_size != tokenizer.VOCAB_SIZE:
         return
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.sample_tokens,
                               stop_tokens=(tokenizer.EOS,), seed=cfg.seed)

@@ -1,4 +1,5 @@
-"""Data: byte-level tokenizer, offline corpora, synthetic tasks and deterministic step-indexed batches."""
+"""Data: byte-level tokenizer, offline corpora, synthetic tasks, paired text, the encoder objectives (masked
+LM, span corruption) and deterministic step-indexed batches."""
 
 from transformer.data.pipeline import Dataset, make_dataset
 

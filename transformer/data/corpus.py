@@ -108,7 +108,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def _expand(paths: tuple[str, ...], suffixes: tuple[str, ...]) -> list[Path]:
+def expand_paths(paths: tuple[str, ...], suffixes: tuple[str, ...]) -> list[Path]:
     """Files named in `paths`; directories contribute their files with `suffixes`, recursively, sorted."""
     files = []
     for name in paths:
@@ -129,16 +129,17 @@ def _expand(paths: tuple[str, ...], suffixes: tuple[str, ...]) -> list[Path]:
 def text_tokens(paths: tuple[str, ...]) -> np.ndarray:
     """Byte tokens (uint16) of the text files, each followed by EOS; directories give their *.txt/*.md files."""
     pieces = []
-    for path in _expand(paths, TEXT_SUFFIXES):
+    for path in expand_paths(paths, TEXT_SUFFIXES):
         pieces += [np.frombuffer(path.read_bytes(), dtype=np.uint8), np.array([EOS])]
     return np.concatenate(pieces).astype(np.uint16)
 
 
-def npy_tokens(paths: tuple[str, ...], vocab_size: int | None = None) -> TokenStream:
+def npy_tokens(paths: tuple[str, ...], vocab_size: int | None = None, reserved: int = 0) -> TokenStream:
     """Memory-mapped 1-D integer token arrays (any dtype), concatenated in order. Given `vocab_size`, a file
-    holding an id outside [0, vocab_size) is a ConfigError naming the file, the id and its position."""
+    holding an id outside [0, vocab_size - reserved) is a ConfigError naming the file, the id and its position
+    (`reserved`: top ids the objective takes for its mask or sentinel tokens)."""
     parts = []
-    for path in _expand(paths, (".npy",)):
+    for path in expand_paths(paths, (".npy",)):
         try:
             array = np.load(path, mmap_mode="r")
         except ValueError as error:
@@ -147,7 +148,7 @@ def npy_tokens(paths: tuple[str, ...], vocab_size: int | None = None) -> TokenSt
             raise ConfigError(f"data.paths entry {str(path)!r} holds a {array.dtype} array of shape {array.shape}; "
                               "token files must be 1-D integer arrays")
         if vocab_size is not None:
-            _check_ids(path, array, vocab_size)
+            _check_ids(path, array, vocab_size, reserved)
         parts.append(array)
     return TokenStream(parts)
 
@@ -155,26 +156,49 @@ def npy_tokens(paths: tuple[str, ...], vocab_size: int | None = None) -> TokenSt
 _ID_CHUNK = 1 << 24
 
 
-def _check_ids(path: Path, array: np.ndarray, vocab_size: int) -> None:
-    """ConfigError at the first token id of `array` outside [0, vocab_size) (read in chunks: files may be huge)."""
-    if np.issubdtype(array.dtype, np.unsignedinteger) and np.iinfo(array.dtype).max < vocab_size:
+def _check_ids(path: Path, array: np.ndarray, vocab_size: int, reserved: int = 0) -> None:
+    """ConfigError at the first token id of `array` outside [0, vocab_size - reserved) (read in chunks: files may
+    be huge)."""
+    limit = vocab_size - reserved
+    if np.issubdtype(array.dtype, np.unsignedinteger) and np.iinfo(array.dtype).max < limit:
         return
     for start in range(0, len(array), _ID_CHUNK):
         chunk = np.asarray(array[start:start + _ID_CHUNK])
-        bad = (chunk < 0) | (chunk >= vocab_size)
+        bad = (chunk < 0) | (chunk >= limit)
         if bad.any():
             position = int(np.argmax(bad))
-            raise ConfigError(f"data.paths entry {str(path)!r} holds token id {int(chunk[position])} at position "
-                              f"{start + position}, outside model.vocab_size={vocab_size} (valid ids: 0 to "
-                              f"{vocab_size - 1})")
+            where = (f"data.paths entry {str(path)!r} holds token id {int(chunk[position])} at position "
+                     f"{start + position}")
+            if reserved and 0 <= chunk[position] < vocab_size:
+                raise ConfigError(f"{where}, one of the top {reserved} ids of model.vocab_size={vocab_size} that "
+                                  f"data.objective reserves for its mask or sentinel tokens (valid ids: 0 to "
+                                  f"{limit - 1}); raise model.vocab_size")
+            raise ConfigError(f"{where}, outside model.vocab_size={vocab_size} (valid ids: 0 to {vocab_size - 1})")
 
 
-def load(cfg: DataConfig, vocab_size: int | None = None) -> TokenStream:
-    """The whole token stream of a corpus dataset ('kjv', 'text' or 'npy'); `vocab_size` checks .npy ids."""
+def tokenized_text(cfg: DataConfig, vocab_size: int | None) -> np.ndarray:
+    """The kjv or text corpus through data.tokenizer (not 'bytes'): each file's ids followed by the tokenizer's
+    EOS when it has one. Not cached: fast tokenizers take seconds for the KJV."""
+    from transformer.data.tokenizers import check_vocab, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if vocab_size is not None:
+        check_vocab(tokenizer, vocab_size)
+    texts = [kjv_text()] if cfg.dataset == "kjv" else [p.read_text("utf-8", errors="replace")
+                                                      for p in expand_paths(cfg.paths, TEXT_SUFFIXES)]
+    end = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    return np.concatenate([np.append(tokenizer.encode(text), end) for text in texts]).astype(np.int32)
+
+
+def load(cfg: DataConfig, vocab_size: int | None = None, reserved: int = 0) -> TokenStream:
+    """The whole token stream of a corpus dataset ('kjv', 'text' or 'npy'); `vocab_size` checks .npy ids (below
+    the `reserved` top ids) and the vocabulary of data.tokenizer."""
+    if cfg.dataset in ("kjv", "text") and cfg.tokenizer != "bytes":
+        return TokenStream([tokenized_text(cfg, vocab_size)])
     if cfg.dataset == "kjv":
         return TokenStream([kjv_tokens()])
     if cfg.dataset == "text":
         return TokenStream([text_tokens(cfg.paths)])
     if cfg.dataset == "npy":
-        return npy_tokens(cfg.paths, vocab_size)
+        return npy_tokens(cfg.paths, vocab_size, reserved)
     raise ConfigError(f"data.dataset={cfg.dataset!r} is not a corpus; choose one of 'kjv', 'text', 'npy'")

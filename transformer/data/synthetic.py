@@ -1,7 +1,8 @@
-"""Synthetic tasks for length generalisation: copy, associative recall, passkey retrieval.
+"""Synthetic tasks for length generalisation: copy, reverse, sort, associative recall, passkey retrieval.
 
 Every example is exactly `length` tokens: BOS, a prompt, the answer, then PAD. It comes with its answer
-span (start, end): tokens[start:end] is the answer, the only part that is scored.
+span (start, end): tokens[start:end] is the answer, the only part that is scored. Copy, reverse and sort
+are also (source, target) pairs for encoder-decoder models (`source_target`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import numpy as np
 from transformer.config import ConfigError, DataConfig
 from transformer.data.tokenizer import BOS, EOS, PAD, encode
 
-TASKS = ("copy", "associative_recall", "passkey")
+TASKS = ("copy", "associative_recall", "passkey", "reverse", "sort")
+BYTE_TASKS = {"copy": np.copy, "reverse": np.flip, "sort": np.sort}  # task: its target from the source bytes
 COPY_SEPARATOR = EOS
 KEY_LETTERS = 3  # associative recall keys: 3 lowercase letters
 VALUE_DIGITS = 2
@@ -21,7 +23,8 @@ QUESTION = "\nWhat is the pass key? The pass key is "
 Example = tuple[np.ndarray, tuple[int, int]]
 
 
-def _assemble(length: int, prompt: np.ndarray, answer: np.ndarray, what: str) -> Example:
+def assemble(length: int, prompt: np.ndarray, answer: np.ndarray, what: str) -> Example:
+    """BOS, prompt, answer, PAD... as `length` tokens with the answer's span."""
     needed = 1 + len(prompt) + len(answer)
     if needed > length:
         raise ValueError(f"{what} needs {needed} tokens but length={length}")
@@ -31,11 +34,18 @@ def _assemble(length: int, prompt: np.ndarray, answer: np.ndarray, what: str) ->
     return tokens, (needed - len(answer), needed)
 
 
-def copy_example(length: int, copy_length: int, rng: np.random.Generator) -> Example:
-    """BOS x_1..x_n EOS x_1..x_n PAD...: random bytes, a separator, and their copy (the answer)."""
+def source_target(task: str, copy_length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`copy_length` random bytes and their copy, reversal or sorted order (task 'copy', 'reverse', 'sort')."""
     source = rng.integers(0, 256, copy_length, dtype=np.int32)
+    return source, BYTE_TASKS[task](source).astype(np.int32)
+
+
+def copy_example(length: int, copy_length: int, rng: np.random.Generator, task: str = "copy") -> Example:
+    """BOS x_1..x_n EOS y_1..y_n PAD...: random bytes, a separator, and y, their copy (or reversal or sorted
+    order for task 'reverse' or 'sort'): the answer."""
+    source, answer = source_target(task, copy_length, rng)
     prompt = np.concatenate([source, [COPY_SEPARATOR]]).astype(np.int32)
-    return _assemble(length, prompt, source, f"copy with copy_length={copy_length}")
+    return assemble(length, prompt, answer, f"{task} with copy_length={copy_length}")
 
 
 def associative_recall_example(length: int, num_pairs: int, rng: np.random.Generator) -> Example:
@@ -48,7 +58,7 @@ def associative_recall_example(length: int, num_pairs: int, rng: np.random.Gener
     values = ["".join(map(str, rng.integers(0, 10, VALUE_DIGITS))) for _ in keys]
     query = int(rng.integers(num_pairs))
     prompt = " ".join(f"{k}:{v}" for k, v in zip(keys, values)) + f" ? {keys[query]}:"
-    return _assemble(length, encode(prompt), encode(values[query]), f"associative recall with num_pairs={num_pairs}")
+    return assemble(length, encode(prompt), encode(values[query]), f"associative recall with num_pairs={num_pairs}")
 
 
 def passkey_example(length: int, depth: float, rng: np.random.Generator, *, digits: int = 5) -> Example:
@@ -68,7 +78,7 @@ def passkey_example(length: int, depth: float, rng: np.random.Generator, *, digi
               if base + s < filler_len] + [filler_len]
     cut = min(starts, key=lambda s: abs(s - depth * filler_len))
     prompt = filler[:cut] + _key_sentence(key) + filler[cut:filler_len] + QUESTION
-    return _assemble(length, encode(prompt), encode(key), f"passkey with digits={digits}")
+    return assemble(length, encode(prompt), encode(key), f"passkey with digits={digits}")
 
 
 _SENTENCE_STARTS = [0] + [i + 2 for i, ch in enumerate(FILLER[:-2]) if ch == "."]
@@ -84,7 +94,7 @@ def _passkey_min_length(digits: int) -> int:
 
 def required_length(cfg: DataConfig) -> int:
     """Tokens one example of cfg.dataset needs (BOS, prompt and answer)."""
-    if cfg.dataset == "copy":
+    if cfg.dataset in BYTE_TASKS:
         return 2 + 2 * cfg.copy_length
     if cfg.dataset == "associative_recall":
         return 1 + cfg.num_pairs * (KEY_LETTERS + VALUE_DIGITS + 2) + 2 + KEY_LETTERS + 1 + VALUE_DIGITS
@@ -95,7 +105,7 @@ def required_length(cfg: DataConfig) -> int:
 
 def check_config(cfg: DataConfig) -> None:
     """Raise ConfigError unless every example of cfg.dataset fits in data.seq_len + 1 tokens."""
-    field = {"copy": "copy_length", "associative_recall": "num_pairs", "passkey": "passkey_digits"}[cfg.dataset]
+    field = {"associative_recall": "num_pairs", "passkey": "passkey_digits"}.get(cfg.dataset, "copy_length")
     value = getattr(cfg, field)
     if value < 1:
         raise ConfigError(f"data.{field}={value} must be >= 1")
@@ -111,8 +121,8 @@ def check_config(cfg: DataConfig) -> None:
 def example(cfg: DataConfig, rng: np.random.Generator) -> Example:
     """One example of cfg.dataset with data.seq_len + 1 tokens (passkey depth drawn uniformly)."""
     length = cfg.seq_len + 1
-    if cfg.dataset == "copy":
-        return copy_example(length, cfg.copy_length, rng)
+    if cfg.dataset in BYTE_TASKS:
+        return copy_example(length, cfg.copy_length, rng, cfg.dataset)
     if cfg.dataset == "associative_recall":
         return associative_recall_example(length, cfg.num_pairs, rng)
     if cfg.dataset == "passkey":

@@ -1,4 +1,7 @@
-"""Byte-level tokenizer: UTF-8 bytes are tokens 0..255, plus PAD, BOS and EOS. Needs no vocabulary file."""
+"""Byte-level tokenizer: UTF-8 bytes are tokens 0..255, plus PAD, BOS and EOS. Needs no vocabulary file.
+
+MASK, the masked-LM mask token, is id VOCAB_SIZE: a model trained with data.objective='mlm' on bytes needs
+model.vocab_size >= 260. Text never encodes to it."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ PAD = 256
 BOS = 257
 EOS = 258
 VOCAB_SIZE = 259
+MASK = 259
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 
 

@@ -1,10 +1,14 @@
 """Hugging Face config.json <-> `ModelConfig` for the families the library computes exactly.
 
-Llama (1-3, with linear / dynamic / YaRN / llama3 RoPE scaling), Mistral (sliding window) and Mixtral (top-k
-experts, softmax over the chosen logits, no capacity drops). A config.json option the library cannot
-compute (an unknown `model_type`, biases, another activation, router noise, ...) is refused with a
-ConfigError naming the field. Keys that do not change the function (token ids, `use_cache`, ...) are kept in
-the run directory and written back on export, so an import/export round trip returns the same config.json.
+Llama (1-3, with linear / dynamic / YaRN / llama3 RoPE scaling; attention_bias and mlp_bias), Mistral
+(sliding window), Mixtral (top-k experts, softmax over the chosen logits, no capacity drops), Qwen2 (q/k/v
+biases; its sliding window on the layers from max_window_layers on, or as `layer_types` says, becomes
+model.attention_pattern) and GPT-2 (learned absolute positions, LayerNorm, biases on every projection, tanh
+GELU, tied output). A config.json option the library cannot compute (an unknown `model_type`, another
+activation, router noise, GPT-2's per-layer score scaling, ...) is refused with a ConfigError naming the
+field. Keys that do not change the function (token ids, `use_cache`, GPT-2's dropout rates, ...) are kept
+in the run directory and written back on export, so an import/export round trip returns the same
+config.json.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import math
 
 from transformer.config import ConfigError, ModelConfig, MoEConfig
 
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 NOT_YET = {  # families whose options the library does not have yet
-    "qwen2": "q/k/v projection biases (attention_bias)",
-    "gpt2": "biases on every projection, learned absolute positions with LayerNorm and tanh GELU",
     "deepseek_v2": "multi-head latent attention (MLA)",
 }
 _ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
-_UNSUPPORTED_IF_TRUE = ("attention_bias", "mlp_bias", "use_qk_norm", "qk_layernorm")
+_UNSUPPORTED_IF_TRUE = ("use_qk_norm", "qk_layernorm")
 _UNSUPPORTED_IF_NONZERO = ("attention_dropout", "hidden_dropout", "router_jitter_noise")
+_GPT2_UNSUPPORTED_IF_TRUE = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_LOCAL, _GLOBAL = "sliding_attention", "full_attention"  # Qwen2's layer_types
 
 
 def _refuse(field: str, value, why: str) -> ConfigError:
@@ -58,20 +64,46 @@ def _rope(hf: dict) -> dict:
     return fields
 
 
-def model_config(hf: dict) -> ModelConfig:
-    """The ModelConfig computing what `hf` (a parsed config.json) describes; ConfigError naming the first
-    field the library cannot express."""
-    model_type = hf.get("model_type")
-    if model_type in NOT_YET:
-        raise _refuse("model_type", model_type, f"needs {NOT_YET[model_type]}, which the library does not have yet")
-    if model_type not in FAMILIES:
-        raise _refuse("model_type", model_type, f"supported: {', '.join(FAMILIES)}")
+def _qwen2_layers(hf: dict) -> tuple[int, list[str]]:
+    """(window, layer_types) of a Qwen2 config.json: the layers from max_window_layers on slide when
+    use_sliding_window, unless `layer_types` lists them."""
+    layers = int(hf["num_hidden_layers"])
+    window = int(hf.get("sliding_window") or 0) if hf.get("use_sliding_window") else 0
+    first = int(hf.get("max_window_layers", layers))
+    types = hf.get("layer_types") or [_LOCAL if window and i >= first else _GLOBAL for i in range(layers)]
+    if len(types) != layers or set(types) - {_LOCAL, _GLOBAL}:
+        raise _refuse("layer_types", types, f"give {layers} entries of {_LOCAL!r} / {_GLOBAL!r}")
+    if _LOCAL in types and not window:
+        raise _refuse("layer_types", types, "has sliding layers but use_sliding_window / sliding_window set none")
+    return window, list(types)
+
+
+def _qwen2_windows(hf: dict) -> dict:
+    """sliding_window and attention_pattern (the shortest period of layer_types) of a Qwen2 config.json."""
+    window, types = _qwen2_layers(hf)
+    layers = len(types)
+    if _LOCAL not in types:
+        return dict(sliding_window=0)
+    if _GLOBAL not in types:
+        return dict(sliding_window=window)
+    period = next(p for p in range(1, layers + 1) if all(types[i] == types[i % p] for i in range(layers)))
+    pattern = ",".join("local" if kind == _LOCAL else "global" for kind in types[:period])
+    return dict(sliding_window=window, attention_pattern=pattern)
+
+
+def _llama_like(hf: dict, model_type: str) -> ModelConfig:
     for key in _UNSUPPORTED_IF_TRUE:
         if hf.get(key):
-            raise _refuse(key, hf[key], "the library's projections have no biases / norms there")
+            raise _refuse(key, hf[key], "the library has no norms there")
     for key in _UNSUPPORTED_IF_NONZERO:
         if hf.get(key):
             raise _refuse(key, hf[key], "must be 0 (the library has no such noise or dropout)")
+    if model_type != "llama":
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise _refuse(key, hf[key], f"{FAMILIES[model_type]} has no such biases")
+    if model_type != "qwen2" and hf.get("layer_types"):
+        raise _refuse("layer_types", hf["layer_types"], "per-layer attention types are read for qwen2 only")
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse("hidden_act", hf["hidden_act"], "the gated MLP of these families is SwiGLU ('silu')")
     heads = int(hf["num_attention_heads"])
@@ -80,33 +112,119 @@ def model_config(hf: dict) -> ModelConfig:
         moe = MoEConfig(num_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
                         router="mixtral", dropless=True, load_balance_coef=float(hf.get("router_aux_loss_coef", 0.0)),
                         router_z_loss_coef=0.0)
-    cfg = ModelConfig(
+    windows = {"llama": dict(sliding_window=0), "qwen2": _qwen2_windows(hf)}.get(
+        model_type, dict(sliding_window=int(hf.get("sliding_window") or 0)))
+    attention_bias = {"llama": "all" if hf.get("attention_bias") else "none", "qwen2": "qkv"}.get(model_type, "none")
+    return ModelConfig(
         architecture="decoder", vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
         num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads), d_ff=int(hf["intermediate_size"]),
-        activation="swiglu", norm="rmsnorm", norm_position="pre", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        activation="swiglu", attention_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+        norm="rmsnorm", norm_position="pre", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), position="rope",
-        sliding_window=int(hf.get("sliding_window") or 0) if model_type != "llama" else 0,
-        init_std=float(hf.get("initializer_range", 0.02)), moe=moe, **_rope(hf))
+        init_std=float(hf.get("initializer_range", 0.02)), moe=moe, **windows, **_rope(hf))
+
+
+def _gpt2(hf: dict) -> ModelConfig:
+    for key in _GPT2_UNSUPPORTED_IF_TRUE:
+        if hf.get(key):
+            raise _refuse(key, hf[key], "the library computes GPT-2's plain attention (must be false)")
+    if not hf.get("scale_attn_weights", True):
+        raise _refuse("scale_attn_weights", hf["scale_attn_weights"], "the library scales scores by 1/sqrt(head width)")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GPT2_ACTIVATIONS:
+        raise _refuse("activation_function", act, f"the library computes {', '.join(_GPT2_ACTIVATIONS)}")
+    d_model = int(hf["n_embd"])
+    return ModelConfig(
+        architecture="decoder", vocab_size=int(hf["vocab_size"]), d_model=d_model, num_layers=int(hf["n_layer"]),
+        num_heads=int(hf["n_head"]), d_ff=int(hf.get("n_inner") or 4 * d_model), activation=_GPT2_ACTIVATIONS[act],
+        attention_bias="all", mlp_bias=True, norm="layernorm", norm_position="pre",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        position="learned", embed_scale="none", max_seq_len=int(hf["n_positions"]),
+        init_std=float(hf.get("initializer_range", 0.02)))
+
+
+def model_config(hf: dict) -> ModelConfig:
+    """The ModelConfig computing what `hf` (a parsed config.json) describes; ConfigError naming the first
+    field the library cannot express."""
+    model_type = hf.get("model_type")
+    if model_type in NOT_YET:
+        raise _refuse("model_type", model_type, f"needs {NOT_YET[model_type]}, which the library does not have yet")
+    if model_type not in FAMILIES:
+        raise _refuse("model_type", model_type, f"supported: {', '.join(FAMILIES)}")
+    cfg = _gpt2(hf) if model_type == "gpt2" else _llama_like(hf, model_type)
     cfg.validate()
     return cfg
 
 
-def family(cfg: ModelConfig) -> str:
-    """The HF model_type that computes `cfg` (ConfigError naming the field otherwise)."""
-    required = {"architecture": "decoder", "position": "rope", "norm": "rmsnorm", "norm_position": "pre",
-                "activation": "swiglu"}
+def _require(cfg: ModelConfig, who: str, **required) -> None:
     for name, value in required.items():
         if getattr(cfg, name) != value:
-            raise ConfigError(f"model.{name}={getattr(cfg, name)!r}: the HF families need {value!r}")
+            raise ConfigError(f"model.{name}={getattr(cfg, name)!r}: writing {who} needs {value!r}")
+
+
+def family(cfg: ModelConfig) -> str:
+    """The HF model_type that computes `cfg` (ConfigError naming the field otherwise)."""
+    from transformer.layers.embed import embed_multiplier
+
+    _require(cfg, "an HF family", architecture="decoder", norm_position="pre")
+    if embed_multiplier(cfg) != 1.0:
+        raise ConfigError(f"model.embed_scale={cfg.embed_scale!r} scales the token embedding; the HF families "
+                          "need 'none'")
+    if cfg.position == "learned":
+        _require(cfg, "GPT-2", norm="layernorm", attention_bias="all", mlp_bias=True, kv_heads=cfg.num_heads,
+                 dim_per_head=cfg.d_model // cfg.num_heads, sliding_window=0)
+        if cfg.activation not in _GPT2_ACTIVATIONS.values() or cfg.moe.num_experts:
+            kinds = ", ".join(sorted(set(_GPT2_ACTIVATIONS.values())))
+            raise ConfigError(f"model.activation={cfg.activation!r}, model.moe.num_experts={cfg.moe.num_experts}: "
+                              f"GPT-2 needs a dense MLP with one of {kinds}")
+        return "gpt2"
+    _require(cfg, "an HF family (GPT-2: 'learned')", position="rope")
+    _require(cfg, "a rotary HF family", norm="rmsnorm", activation="swiglu")
     if cfg.moe.num_experts:
         if cfg.moe.router != "mixtral" or cfg.moe.every_k_layers != 1 or cfg.moe.num_shared_experts:
             raise ConfigError(f"model.moe (router={cfg.moe.router!r}, every_k_layers={cfg.moe.every_k_layers}, "
                               f"num_shared_experts={cfg.moe.num_shared_experts}): Mixtral needs router='mixtral', "
                               "every layer MoE and no shared experts")
+        _require(cfg, "Mixtral", attention_bias="none", mlp_bias=False, attention_pattern="")
         return "mixtral"
-    return "mistral" if cfg.sliding_window else "llama"
+    if cfg.attention_bias == "qkv":
+        _require(cfg, "Qwen2", mlp_bias=False)
+        if _qwen2_layer_types(cfg) is None:
+            raise ConfigError(f"model.attention_pattern={cfg.attention_pattern!r}: Qwen2 slides on the layers from "
+                              "max_window_layers on, or as layer_types lists, which must fit num_layers")
+        return "qwen2"
+    if cfg.sliding_window:
+        _require(cfg, "Mistral", attention_bias="none", mlp_bias=False, attention_pattern="")
+        return "mistral"
+    return "llama"
+
+
+def _qwen2_layer_types(cfg: ModelConfig) -> list[str] | None:
+    """Qwen2's layer_types for cfg's windows (None when a layer's window differs from sliding_window)."""
+    windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+    if any(w not in (0, cfg.sliding_window) for w in windows):
+        return None
+    return [_LOCAL if w else _GLOBAL for w in windows]
+
+
+def _qwen2_window_keys(cfg: ModelConfig, out: dict) -> dict:
+    """Nothing when the saved keys describe cfg's windows already; else use_sliding_window, sliding_window and
+    max_window_layers (the first sliding layer), plus layer_types when the saved config has them or when the
+    sliding layers are not all those from max_window_layers on."""
+    types = _qwen2_layer_types(cfg)
+    if out.get("model_type") == "qwen2" and out.get("num_hidden_layers") == cfg.num_layers:
+        window, saved_types = _qwen2_layers(out)
+        if saved_types == types and window == (cfg.sliding_window if _LOCAL in types else window):
+            return {}
+    keys = dict(use_sliding_window=_LOCAL in types)
+    first = types.index(_LOCAL) if _LOCAL in types else cfg.num_layers
+    if _LOCAL in types:
+        keys.update(sliding_window=cfg.sliding_window, max_window_layers=first)
+    if out.get("layer_types") or types != [_GLOBAL] * first + [_LOCAL] * (cfg.num_layers - first):
+        keys["layer_types"] = types
+    return keys
 
 
 def hf_config(cfg: ModelConfig, *, saved: dict | None = None, torch_dtype: str | None = None) -> dict:
@@ -115,15 +233,45 @@ def hf_config(cfg: ModelConfig, *, saved: dict | None = None, torch_dtype: str |
     model_type = family(cfg)
     out = dict(saved or {})
     out.update(model_type=model_type, architectures=[FAMILIES[model_type]], vocab_size=cfg.vocab_size,
-               hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
-               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
-               hidden_act="silu", rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
                initializer_range=cfg.init_std)
-    if model_type != "llama":
-        out["sliding_window"] = cfg.sliding_window or None
+    if model_type == "gpt2":
+        out.update(_gpt2_keys(cfg, out))
+    else:
+        out.update(_llama_like_keys(cfg, out, model_type))
+    if torch_dtype:
+        out["torch_dtype"] = torch_dtype
+    return out
+
+
+def _gpt2_keys(cfg: ModelConfig, out: dict) -> dict:
+    act = out.get("activation_function", "gelu_new")
+    keys = dict(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_positions=cfg.max_seq_len,
+                layer_norm_epsilon=cfg.norm_eps,
+                activation_function=act if _GPT2_ACTIVATIONS.get(act) == cfg.activation else
+                {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation])
+    keys["n_inner"] = None if cfg.ffn_dim == 4 * cfg.d_model and out.get("n_inner") is None else cfg.ffn_dim
+    if "n_ctx" in out:
+        keys["n_ctx"] = cfg.max_seq_len
+    if "tie_word_embeddings" in out or not cfg.tie_embeddings:
+        keys["tie_word_embeddings"] = cfg.tie_embeddings
+    return keys
+
+
+def _llama_like_keys(cfg: ModelConfig, out: dict, model_type: str) -> dict:
+    keys = dict(hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
+                hidden_act="silu", rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings)
+    if model_type in ("mistral", "mixtral"):
+        keys["sliding_window"] = cfg.sliding_window or None
+    if model_type == "qwen2":
+        keys.update(_qwen2_window_keys(cfg, out))
+    if model_type == "llama":
+        for name, value in (("attention_bias", cfg.attention_bias == "all"), ("mlp_bias", cfg.mlp_bias)):
+            if name in out or value:
+                keys[name] = value
     if model_type == "mixtral":
-        out.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
-                   router_aux_loss_coef=cfg.moe.load_balance_coef)
+        keys.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
+                    router_aux_loss_coef=cfg.moe.load_balance_coef)
     rope = {"rope_type": {v: k for k, v in _ROPE_TYPES.items()}[cfg.rope_scaling], "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling != "none":
         rope["factor"] = cfg.rope_scaling_factor
@@ -134,14 +282,11 @@ def hf_config(cfg: ModelConfig, *, saved: dict | None = None, torch_dtype: str |
     if cfg.rope_scaling == "llama3":
         rope.update(low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor)
     if "rope_parameters" in out:
-        out["rope_parameters"] = {**out["rope_parameters"], **rope}
+        keys["rope_parameters"] = {**out["rope_parameters"], **rope}
     else:
-        out["rope_theta"] = rope.pop("rope_theta")
-        out["rope_scaling"] = None if cfg.rope_scaling == "none" else {**(out.get("rope_scaling") or {}), **rope}
+        keys["rope_theta"] = rope.pop("rope_theta")
+        keys["rope_scaling"] = None if cfg.rope_scaling == "none" else {**(out.get("rope_scaling") or {}), **rope}
     if "max_position_embeddings" not in out:
         extended = cfg.rope_scaling in ("yarn", "llama3")
-        out["max_position_embeddings"] = int(cfg.max_seq_len * (cfg.rope_scaling_factor if extended else 1))
-    if torch_dtype:
-        out["torch_dtype"] = torch_dtype
-    return out
-
+        keys["max_position_embeddings"] = int(cfg.max_seq_len * (cfg.rope_scaling_factor if extended else 1))
+    return keys

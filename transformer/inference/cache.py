@@ -70,14 +70,21 @@ def rotated_in_cache(cfg: ModelConfig) -> bool:
     return cfg.position == "rope" and cfg.rope_scaling != "dynamic_ntk"
 
 
+def ring_window(cfg: ModelConfig) -> int:
+    """The window every decoder layer attends within, which lets the cache be a ring buffer of it; 0 when some
+    layer attends globally (model.attention_pattern with a global entry): then every layer keeps every slot
+    (one slot count for all layers; per-layer counts would save the local layers' memory)."""
+    return 0 if "global" in cfg.attention_kinds else cfg.sliding_window
+
+
 def num_slots(cfg: ModelConfig, max_len: int, extra_slots: int = 0) -> int:
-    """Slots per row for sequences of up to `max_len` tokens: max_len, or with a sliding window the
-    window plus `extra_slots` (tokens written in one call beyond the first: chunk size - 1, or the
-    draft length of speculative decoding) when that is smaller."""
+    """Slots per row for sequences of up to `max_len` tokens: max_len, or with a sliding window in every layer
+    (`ring_window`) the window plus `extra_slots` (tokens written in one call beyond the first: chunk size - 1,
+    or the draft length of speculative decoding) when that is smaller."""
     if max_len < 1 or extra_slots < 0:
         raise ValueError(f"max_len={max_len} must be >= 1 and extra_slots={extra_slots} >= 0")
-    if cfg.sliding_window:
-        return min(max_len, cfg.sliding_window + extra_slots)
+    if ring_window(cfg):
+        return min(max_len, ring_window(cfg) + extra_slots)
     return max_len
 
 

@@ -1,7 +1,7 @@
 """Attention over the KV cache, and writes into it; on one device or with the cache split over `sequence`.
 
     decode_attention(q_BQHW, k_BKGW, v_BKGW, mask, *, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-                     kv_segment_ids_BK, scale, block_size, return_lse) -> out_BQHW [, lse_BHQ]
+                     kv_segment_ids_BK, relative_bias_OH, scale, block_size, return_lse) -> out_BQHW [, lse_BHQ]
 
 is a kernel behind the signature of `ops.attention.attention`, for few queries (one when decoding, the draft
 when verifying) over many keys. It walks the key blocks from the first to the last one the mask lets some
@@ -34,8 +34,8 @@ _F32 = jnp.float32
 
 
 def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=None, kv_positions_BK=None,
-                     q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale=None, block_size=512, return_lse=False,
-                     layer=None):
+                     q_segment_ids_BQ=None, kv_segment_ids_BK=None, relative_bias_OH=None, scale=None, block_size=512,
+                     return_lse=False, layer=None):
     """Attention of few queries over a long (cached) key sequence; see the module docstring. K/V are never
     padded or copied: a length that is not a multiple of the block size ends with a block overlapping the one
     before, whose shared keys are hidden. Segment ids, when given, must be >= 0. With `layer`, k and v are
@@ -44,7 +44,8 @@ def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions
     if layer is not None:
         k_BKGW, v_BKGW = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in (k_BKGW, v_BKGW))
     attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-                               kv_segment_ids_BK, scale=scale, block_size=block_size)
+                               kv_segment_ids_BK, relative_bias_OH=relative_bias_OH, scale=scale,
+                               block_size=block_size)
     B, Q, H, W = q_BQHW.shape
     K = k_BKGW.shape[1]
     scale = 1.0 / math.sqrt(W) if scale is None else float(scale)
@@ -90,7 +91,7 @@ def decode_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions
         def attend(acc):
             out_BQHW, lse_BHQ = attention_ops.reference_kernel(
                 mask, scale, q32_BQHW, kv_block(stacked_k, j), kv_block(stacked_v, j), qpos_BQ, block(kpos_BK, j), qseg_BQ,
-                block_segments(j))
+                block_segments(j), relative_bias_OH)
             return attention_ops.merge_partials(acc, (out_BQHW, lse_BHQ))
 
         return lax.cond(needed[j], attend, lambda acc: acc, acc)
@@ -113,13 +114,15 @@ def _split_cache(mesh) -> bool:
 
 
 def cached_attention(q_BQHW, k_NBKGW, v_NBKGW, layer, mask: AttentionMask, *, q_positions_BQ, cache_positions_BK,
-                     scale: float, block_size: int, rope: tuple | None = None):
+                     scale: float, block_size: int, rope: tuple | None = None, relative_bias_OH=None):
     """Attention of q_BQHW over layer `layer` of the stacked cache, whose slots hold `cache_positions_BK`.
-    rope = (inv_freq_BJ, mscale) rotates the cached keys first (dynamic NTK keeps them unrotated)."""
+    rope = (inv_freq_BJ, mscale) rotates the cached keys first (dynamic NTK keeps them unrotated);
+    relative_bias_OH: the T5 bias table of a mask with relative buckets."""
     mesh = sharding.current_mesh()
 
-    def local(q, k_N, v_N, qpos, kpos, inv_freq, layer):
-        options = dict(q_positions_BQ=qpos, kv_positions_BK=kpos, scale=scale, block_size=block_size, return_lse=True)
+    def local(q, k_N, v_N, qpos, kpos, inv_freq, layer, relative_bias_OH):
+        options = dict(q_positions_BQ=qpos, kv_positions_BK=kpos, relative_bias_OH=relative_bias_OH, scale=scale,
+                       block_size=block_size, return_lse=True)
         if inv_freq is None:  # blocks are read from the stacked cache: no copy of the layer
             return decode_attention(q, k_N, v_N, mask, layer=layer, **options)
         k, v = (lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (k_N, v_N))
@@ -127,7 +130,8 @@ def cached_attention(q_BQHW, k_NBKGW, v_NBKGW, layer, mask: AttentionMask, *, q_
 
     inv_freq = None if rope is None else rope[0]
     if not _split_cache(mesh):
-        return local(q_BQHW, k_NBKGW, v_NBKGW, q_positions_BQ, cache_positions_BK, inv_freq, layer)[0]
+        return local(q_BQHW, k_NBKGW, v_NBKGW, q_positions_BQ, cache_positions_BK, inv_freq, layer,
+                     relative_bias_OH)[0]
 
     kv_spec = sharding.logical_to_spec(_CACHE_AXES, mesh, k_NBKGW.shape)
     heads_split = kv_spec[3] is not None and mask.alibi_slopes is None
@@ -137,8 +141,8 @@ def cached_attention(q_BQHW, k_NBKGW, v_NBKGW, layer, mask: AttentionMask, *, q_
     batch_spec = kv_spec[1]
     P = jax.sharding.PartitionSpec
 
-    def merged(q, k_N, v_N, qpos, kpos, inv_freq, layer):
-        out_BQHW, lse_BHQ = local(q, k_N, v_N, qpos, kpos, inv_freq, layer)
+    def merged(q, k_N, v_N, qpos, kpos, inv_freq, layer, relative_bias_OH):
+        out_BQHW, lse_BHQ = local(q, k_N, v_N, qpos, kpos, inv_freq, layer, relative_bias_OH)
         top_BHQ = lax.pmax(lse_BHQ, SEQUENCE)
         weight_BHQ = jnp.exp(lse_BHQ - jnp.where(jnp.isfinite(top_BHQ), top_BHQ, 0.0))
         total_BHQ = lax.psum(weight_BHQ, SEQUENCE)
@@ -148,9 +152,11 @@ def cached_attention(q_BQHW, k_NBKGW, v_NBKGW, layer, mask: AttentionMask, *, q_
 
     mapped = jax.shard_map(merged, mesh=mesh,
                            in_specs=(q_spec, kv_spec, kv_spec, P(batch_spec, None), P(batch_spec, SEQUENCE),
-                                     None if inv_freq is None else P(batch_spec, None), P()),
+                                     None if inv_freq is None else P(batch_spec, None), P(),
+                                     None if relative_bias_OH is None else P(None, q_spec[2])),
                            out_specs=q_spec)
-    return mapped(q_BQHW, k_NBKGW, v_NBKGW, q_positions_BQ, cache_positions_BK, inv_freq, jnp.asarray(layer, jnp.int32))
+    return mapped(q_BQHW, k_NBKGW, v_NBKGW, q_positions_BQ, cache_positions_BK, inv_freq, jnp.asarray(layer, jnp.int32),
+                  relative_bias_OH)
 
 
 def write_slots(dest, update, slots_BL, *, layer=None, axes=_CACHE_AXES):

@@ -31,7 +31,7 @@ from flax import nnx
 from transformer import runs, sharding
 from transformer.config import ConfigError
 from transformer.inference import sampling as sampling_ops
-from transformer.inference.cache import KVCache, check_fits, init_cache
+from transformer.inference.cache import KVCache, check_fits, init_cache, ring_window
 from transformer.inference.sampling import SamplingConfig
 from transformer.ops.layout import ring_multiple
 
@@ -141,13 +141,13 @@ class Generator:
     def vocab_size(self) -> int:
         return self.model_cfg.vocab_size
 
-    def check_prompts(self, prompts) -> list[list[int]]:
+    def check_prompts(self, prompts, what: str = "prompt") -> list[list[int]]:
         rows = [list(map(int, np.asarray(p).reshape(-1))) for p in prompts]
         V = self.vocab_size
         for row, prompt in enumerate(rows):
             bad = [t for t in prompt if not 0 <= t < V]
             if bad:
-                raise ConfigError(f"prompt {row} has token id {bad[0]}, outside the model's vocabulary [0, {V})")
+                raise ConfigError(f"{what} {row} has token id {bad[0]}, outside the model's vocabulary [0, {V})")
         return rows
 
     def cache_length(self, prompt_len: int, sampling: SamplingConfig, max_len: int, *, extra: int = 0,
@@ -185,6 +185,19 @@ class Generator:
         encdec = self.model_cfg.architecture == "encoder_decoder"
         if encdec and not keep_cache and sources is None:
             raise ConfigError("an encoder-decoder model needs sources=[...], the encoder input of each prompt")
+        if keep_cache and sources is not None:
+            raise ConfigError("keep_cache=True continues the previous call's rows, whose sources are encoded in the "
+                              "cache; new sources=[...] need keep_cache=False")
+        if sources is not None and not encdec:
+            raise ConfigError("sources=[...] are the encoder inputs of an encoder_decoder model; this model is "
+                              f"model.architecture={self.model_cfg.architecture!r}")
+        if sources is not None:
+            if len(sources) != len(prompts):
+                raise ConfigError(f"give one source per prompt: {len(sources)} sources for {len(prompts)} prompts")
+            sources = self.check_prompts(sources, "source")
+            if min(map(len, sources)) < 1:
+                raise ConfigError("every source needs at least one token; got source lengths "
+                                  f"{list(map(len, sources))}")
         if keep_cache and (self.cache is None or self.cache.batch != len(prompts)):
             raise ConfigError("keep_cache=True continues the previous call's rows: give as many prompts as "
                               f"it had ({0 if self.cache is None else self.cache.batch})")
@@ -204,14 +217,14 @@ class Generator:
                                       "sequence, so it cannot decode one token at a time; use a token-choice router")
                 extra = max(chunk - 1, 0) if tokens_BL.shape[1] > chunk else 0
                 source = None
-                if encdec:
-                    source = tuple(on_mesh(x, mesh) for x in pad_prompts(self.check_prompts(sources)))
+                if encdec:  # a bidirectional encoder's ring needs a multiple of the ring size
+                    source = tuple(on_mesh(x, mesh) for x in pad_prompts(sources, ring))
                 cache = init_cache(self.model_cfg, B, length, extra_slots=extra,
                                    source_len=0 if source is None else source[0].shape[1], mesh=mesh)
             else:
                 cache, source = self.cache, None
                 needed = int(np.max(np.asarray(cache.lengths_B))) + tokens_BL.shape[1] + sampling.max_new_tokens
-                window = self.model_cfg.sliding_window
+                window = ring_window(self.model_cfg)
                 ring = bool(window) and cache.slots >= window  # else a short cache holds no whole window
                 if not ring and needed > cache.slots:
                     raise ConfigError(f"continuing needs {needed} cache positions but the cache has {cache.slots}; "

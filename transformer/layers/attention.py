@@ -1,11 +1,20 @@
 """Multi-head attention with grouped KV heads (MHA: G = H, GQA: 1 < G < H, MQA: G = 1).
 
 Each layer holds one `AttentionMask` built from the config (`attention_mask`): self-attention is causal
-or bidirectional with the configured sliding window and ALiBi slopes; cross-attention (queries from the
-decoder, keys/values from the encoder output) is bidirectional and position-free. RoPE is applied from
-explicit position ids, so packed and zigzag-ordered sequences are exact. Scores are scaled by
-1/sqrt(head width) (RoPE YaRN additionally scales q and k by mscale). The mask, the positions and the
-segment ids go to ring attention when the current mesh splits `sequence`, else to `ops.attention`.
+or bidirectional with the layer's sliding window (model.sliding_window, per layer when
+model.attention_pattern is set), ALiBi slopes or T5 relative-position buckets; cross-attention (queries
+from the decoder, keys/values from the encoder output) is bidirectional and position-free. RoPE is applied
+from explicit position ids, so packed and zigzag-ordered sequences are exact. Scores are scaled by
+1/sqrt(head width) (RoPE YaRN additionally scales q and k by mscale). With model.attention_bias the q, k, v
+(and, for "all", output) projections add biases (`layers.projection`).
+
+T5's relative bias (model.position="t5_bias") adds table[bucket(key position - query position), head] to
+the scores; the (buckets, H) table belongs to the layer stack (T5 shares it over a stack's layers) and
+comes in with each call as relative_bias_OH. T5 itself does not scale scores by 1/sqrt(head width) (its
+initialisation absorbs the factor); keeping the scale is an equivalent reparametrisation of q.
+
+The mask, the positions, the segment ids and the bias table go to ring attention when the current mesh
+splits `sequence`, else to `ops.attention`.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ from transformer import sharding
 from transformer.config import ModelConfig
 from transformer.inference.cache import KV, rotated_in_cache
 from transformer.inference.decode_attention import cached_attention, write_slots
+from transformer.layers.projection import bias_param, project
 from transformer.ops import attention as attention_ops
 from transformer.ops import positions as pos_ops
-from transformer.ops.mask import AttentionMask
+from transformer.ops.mask import AttentionMask, RelativeBuckets
 from transformer.ops.ring_attention import ring_attention_sharded
 
 _Q_AXES = ("batch", "length", "heads", None)
@@ -47,17 +57,23 @@ def rope_frequencies(cfg: ModelConfig, lengths_B: jax.Array):
     return rope_tables(cfg, int(cfg.max_seq_len))
 
 
-def attention_mask(cfg: ModelConfig, *, causal: bool, cross: bool = False) -> AttentionMask:
-    """The mask of a self-attention layer (causal or bidirectional) or of a cross-attention layer."""
+def attention_mask(cfg: ModelConfig, *, causal: bool, cross: bool = False, layer: int = 0) -> AttentionMask:
+    """The mask of self-attention layer `layer` of a stack (causal or bidirectional, with that layer's window)
+    or of a cross-attention layer. T5 buckets are bidirectional in a bidirectional layer, one-sided in a causal
+    one."""
     if cross:
         return AttentionMask(causal=False)
     slopes = pos_ops.alibi_slopes(cfg.num_heads) if cfg.position == "alibi" else None
-    return AttentionMask(causal=causal, sliding_window=cfg.sliding_window, alibi_slopes=slopes)
+    buckets = RelativeBuckets(cfg.relative_buckets, cfg.relative_max_distance, bidirectional=not causal) \
+        if cfg.position == "t5_bias" else None
+    return AttentionMask(causal=causal, sliding_window=cfg.layer_window(layer), alibi_slopes=slopes,
+                         relative_buckets=buckets)
 
 
 def attend(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, cfg: ModelConfig, **tokens) -> jax.Array:
     """Attention with cfg's kernel choice: Ring Attention when the current mesh splits `sequence`, else
-    `ops.attention`. `tokens`: q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK."""
+    `ops.attention`. `tokens`: q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK and
+    relative_bias_OH."""
     mesh = sharding.current_mesh()
     kernel = dict(scale=1.0 / math.sqrt(cfg.dim_per_head), implementation=cfg.attention_kernel,
                   block_size=cfg.attention_block_size)
@@ -68,14 +84,14 @@ def attend(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, cfg: ModelConfig, **toke
 
 class Attention(nnx.Module):
     """q/k/v/o projections around one attention kernel call; the output projection starts at
-    init_std / sqrt(2 * num_layers)."""
+    init_std / sqrt(2 * num_layers). `layer`: the layer's index in its stack (its attention_pattern entry)."""
 
     def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool = True, cross: bool = False,
-                 rngs: nnx.Rngs):
+                 layer: int = 0, rngs: nnx.Rngs):
         self.cfg = cfg
         self.causal = bool(causal) and not cross
         self.cross = bool(cross)
-        self.mask = attention_mask(cfg, causal=self.causal, cross=self.cross)
+        self.mask = attention_mask(cfg, causal=self.causal, cross=self.cross, layer=layer)
         self.dtype = jnp.dtype(cfg.dtype)
         D, H, G, W = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         param_dtype = jnp.dtype(cfg.param_dtype)
@@ -89,14 +105,21 @@ class Attention(nnx.Module):
         self.k_DGW = param(init_in, (D, G, W), ("embed", "kv_heads", "head_dim"))
         self.v_DGW = param(init_in, (D, G, W), ("embed", "kv_heads", "head_dim"))
         self.o_HWD = param(init_out, (H, W, D), ("heads", "head_dim", "embed"))
+        qkv, out = cfg.attention_bias in ("qkv", "all"), cfg.attention_bias == "all"
+        self.q_bias = bias_param(qkv, H * W, "heads", param_dtype)
+        self.k_bias = bias_param(qkv, G * W, "kv_heads", param_dtype)
+        self.v_bias = bias_param(qkv, G * W, "kv_heads", param_dtype)
+        self.o_bias = bias_param(out, D, "embed", param_dtype)
 
     def __call__(self, x_BLD: jax.Array, *, positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None, context_BSD: jax.Array | None = None,
-                 context_segment_ids_BS: jax.Array | None = None) -> jax.Array:
+                 context_segment_ids_BS: jax.Array | None = None,
+                 relative_bias_OH: jax.Array | None = None) -> jax.Array:
         """Self-attention over x_BLD, or cross-attention from x_BLD to context_BSD (cross=True).
 
         positions_BL default to arange. For cross-attention, segment ids (when either side gives
         them; the missing side counts as all ones) let a query see only context tokens of its segment.
+        relative_bias_OH: the stack's T5 bias table (self-attention with model.position="t5_bias").
         """
         cfg = self.cfg
         B, L, _ = x_BLD.shape
@@ -119,27 +142,22 @@ class Attention(nnx.Module):
                 q_BLHW = pos_ops.apply_rope(q_BLHW, rope_pos_BL, inv_freq, mscale)
                 k_BSGW = pos_ops.apply_rope(k_BSGW, rope_pos_BL, inv_freq, mscale)
             tokens = dict(q_positions_BQ=positions_BL, kv_positions_BK=positions_BL, q_segment_ids_BQ=segment_ids_BL,
-                          kv_segment_ids_BK=segment_ids_BL)
+                          kv_segment_ids_BK=segment_ids_BL, relative_bias_OH=relative_bias_OH)
         return self._output(attend(q_BLHW, k_BSGW, v_BSGW, self.mask, cfg, **tokens))
 
-    def _weight(self, param):
-        return param[...].astype(self.dtype)
-
     def _queries(self, x_BLD):
-        return sharding.constrain(jnp.einsum("BLD,DHW->BLHW", x_BLD.astype(self.dtype), self._weight(self.q_DHW)),
-                                  _Q_AXES)
+        return sharding.constrain(project("BLD,DHW->BLHW", x_BLD, self.q_DHW, self.q_bias, self.dtype), _Q_AXES)
 
     def _keys_values(self, source_BSD):
-        source_BSD = source_BSD.astype(self.dtype)
-        return tuple(sharding.constrain(jnp.einsum("BSD,DGW->BSGW", source_BSD, self._weight(w)), _KV_AXES)
-                     for w in (self.k_DGW, self.v_DGW))
+        return tuple(sharding.constrain(project("BSD,DGW->BSGW", source_BSD, w, b, self.dtype), _KV_AXES)
+                     for w, b in ((self.k_DGW, self.k_bias), (self.v_DGW, self.v_bias)))
 
     def _output(self, out_BLHW):
         out_BLHW = sharding.constrain(out_BLHW, _Q_AXES)
-        y_BLD = jnp.einsum("BLHW,HWD->BLD", out_BLHW.astype(self.dtype), self._weight(self.o_HWD))
+        y_BLD = project("BLHW,HWD->BLD", out_BLHW, self.o_HWD, self.o_bias, self.dtype)
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
 
-    def extend(self, x_BLD: jax.Array, kv, layer, write, *, fresh: bool):
+    def extend(self, x_BLD: jax.Array, kv, layer, write, *, fresh: bool, relative_bias_OH=None):
         """Self-attention of L new tokens with the KV cache: (y_BLD, kv with this layer's new keys written).
 
         kv: the stacked (k_NBKGW, v_NBKGW) cache; layer: this layer's index in it; write: the call's
@@ -159,13 +177,13 @@ class Attention(nnx.Module):
                 write_slots(kv.v, v_BLGW, write.slots_BL, layer=layer))
         if fresh:
             out_BLHW = attend(q_BLHW, k_BLGW, v_BLGW, self.mask, cfg, q_positions_BQ=write.positions_BL,
-                              kv_positions_BK=write.key_positions_BL)
+                              kv_positions_BK=write.key_positions_BL, relative_bias_OH=relative_bias_OH)
         else:
             unrotated = cfg.position == "rope" and not rotated_in_cache(cfg)
             out_BLHW = cached_attention(q_BLHW, kv.k, kv.v, layer, self.mask, q_positions_BQ=write.positions_BL,
                                         cache_positions_BK=write.cache_positions_BK,
                                         scale=1.0 / math.sqrt(cfg.dim_per_head), block_size=cfg.attention_block_size,
-                                        rope=rope if unrotated else None)
+                                        rope=rope if unrotated else None, relative_bias_OH=relative_bias_OH)
         return self._output(out_BLHW), kv
 
     def extend_cross(self, x_BLD: jax.Array, cross, layer, source_valid_BS: jax.Array, context_BSD=None):

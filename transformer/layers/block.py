@@ -1,5 +1,7 @@
 """Transformer block (self-attention, optional cross-attention, MLP or MoE) with pre- or post-norm
-residuals, and `LayerGroup`, the unit the model scans over.
+residuals, and `LayerGroup`, the unit the model scans over. A block is layer `layer` of its stack: that index
+decides whether its FFN is the MoE (every moe.every_k_layers-th layer) and its sliding window
+(model.attention_pattern).
 
 pre-norm:  x = x + f(norm(x))     post-norm:  x = norm(x + f(x))
 """
@@ -7,6 +9,7 @@ pre-norm:  x = x + f(norm(x))     post-norm:  x = norm(x + f(x))
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from transformer import sharding
@@ -18,17 +21,23 @@ from transformer.layers.norms import make_norm
 _ACT = ("batch", "length", "embed")
 
 
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether layer `layer` of a stack has the MoE FFN: (layer + 1) % moe.every_k_layers == 0."""
+    return cfg.moe.num_experts > 0 and (layer + 1) % cfg.moe.every_k_layers == 0
+
+
 class Block(nnx.Module):
     """One layer. `__call__` returns (x_BLD, aux): the MoE's aux dict, or {} for a dense MLP."""
 
-    def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, moe: bool = False,
+    def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, layer: int = 0,
                  rngs: nnx.Rngs):
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, num_layers=num_layers, causal=causal, rngs=rngs)
+        self.attn = Attention(cfg, num_layers=num_layers, causal=causal, layer=layer, rngs=rngs)
         self.cross_norm = make_norm(cfg) if cross else None
         self.cross_attn = Attention(cfg, num_layers=num_layers, cross=True, rngs=rngs) if cross else None
         self.ffn_norm = make_norm(cfg)
+        moe = is_moe_layer(cfg, layer)
         if moe:
             from transformer.layers.moe import MoE
 
@@ -43,10 +52,13 @@ class Block(nnx.Module):
         return norm(x_BLD + f(x_BLD))
 
     def __call__(self, x_BLD: jax.Array, *, positions_BL=None, segment_ids_BL=None, context_BSD=None,
-                 context_segment_ids_BS=None, update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+                 context_segment_ids_BS=None, relative_bias_OH=None,
+                 update_router_bias: bool = False) -> tuple[jax.Array, dict]:
+        """relative_bias_OH: the stack's T5 bias table, for the self-attention."""
         x_BLD = sharding.constrain(x_BLD, _ACT)
         x_BLD = self._residual(self.attn_norm, lambda h: self.attn(h, positions_BL=positions_BL,
-                                                                   segment_ids_BL=segment_ids_BL), x_BLD)
+                                                                   segment_ids_BL=segment_ids_BL,
+                                                                   relative_bias_OH=relative_bias_OH), x_BLD)
         if self.cross_attn is not None:
             x_BLD = self._residual(self.cross_norm, lambda h: self.cross_attn(
                 h, segment_ids_BL=segment_ids_BL, context_BSD=context_BSD,
@@ -64,10 +76,11 @@ class Block(nnx.Module):
 
 
     def extend(self, x_BLD: jax.Array, kv, cross, layer, write, *, fresh: bool, source_valid_BS=None,
-               context_BSD=None):
+               context_BSD=None, relative_bias_OH=None):
         """The block over L new tokens with the KV cache (`Attention.extend`): (x_BLD, kv, cross). MoE layers
         route every token with no capacity drops."""
-        x_BLD, kv = self._cached(self.attn_norm, lambda h: self.attn.extend(h, kv, layer, write, fresh=fresh), x_BLD)
+        x_BLD, kv = self._cached(self.attn_norm, lambda h: self.attn.extend(
+            h, kv, layer, write, fresh=fresh, relative_bias_OH=relative_bias_OH), x_BLD)
         if self.cross_attn is not None:
             x_BLD, cross = self._cached(self.cross_norm, lambda h: self.cross_attn.extend_cross(
                 h, cross, layer, source_valid_BS, context_BSD), x_BLD)
@@ -86,21 +99,23 @@ class Block(nnx.Module):
 
 
 class LayerGroup(nnx.Module):
-    """`size` consecutive blocks; with `moe_last` the last block's FFN is the MoE, so every scanned
-    group is identical. Returns (x_BLD, aux of that MoE block or {})."""
+    """`size` consecutive blocks, layers first_layer .. first_layer + size - 1 of the stack. Scanned groups
+    start at a multiple of `ModelConfig.layer_group_size`, so they are identical. Returns (x_BLD, aux of its
+    MoE blocks stacked on a leading axis, or {})."""
 
-    def __init__(self, cfg: ModelConfig, *, size: int, moe_last: bool, num_layers: int, causal: bool,
+    def __init__(self, cfg: ModelConfig, *, first_layer: int, size: int, num_layers: int, causal: bool,
                  cross: bool = False, rngs: nnx.Rngs):
         self.blocks = nnx.List([
-            Block(cfg, num_layers=num_layers, causal=causal, cross=cross, moe=moe_last and i == size - 1, rngs=rngs)
+            Block(cfg, layer=first_layer + i, num_layers=num_layers, causal=causal, cross=cross, rngs=rngs)
             for i in range(size)])
 
     def __call__(self, x_BLD: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
-        aux = {}
+        stats = []
         for block in self.blocks:
             x_BLD, block_aux = block(x_BLD, **kwargs)
-            aux.update(block_aux)
-        return x_BLD, aux
+            if block_aux:
+                stats.append(block_aux)
+        return x_BLD, jax.tree.map(lambda *values: jnp.stack(values), *stats) if stats else {}
 
     def extend(self, x_BLD: jax.Array, kv, cross, first_layer, write, **kwargs):
         """`Block.extend` of each block; block i is layer first_layer + i of the stacked caches."""

@@ -1,7 +1,7 @@
 """Token embedding, absolute positions (learned table or sinusoidal) and the output projection.
 
-RoPE and ALiBi act inside attention and NoPE adds nothing, so for those the embedding is the
-token lookup alone. With absolute positions the looked-up token vectors are multiplied by
+RoPE, ALiBi and T5's relative bias act inside attention and NoPE adds nothing, so for those the embedding
+is the token lookup alone. With absolute positions the looked-up token vectors are multiplied by
 sqrt(d_model) before the position embedding is added, as in Vaswani et al. (2017) and fairseq
 (`model.embed_scale`: "auto" does this for sinusoidal and learned positions only). The output
 projection reuses the unscaled token table (`tie_embeddings`) or owns a separate (embed, vocab)
@@ -78,7 +78,7 @@ class Embed(nnx.Module):
         if length > self.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds model.max_seq_len={self.max_seq_len}, the size of "
                              "the learned position table; use sequences of at most that length or another "
-                             "model.position (rope, alibi, sinusoidal, nope)")
+                             "model.position (rope, alibi, t5_bias, sinusoidal, nope)")
         try:
             largest = int(np.max(np.asarray(positions_BL)))
         except (jax.errors.TracerArrayConversionError, RuntimeError):

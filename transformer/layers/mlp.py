@@ -1,10 +1,12 @@
-"""Position-wise feed-forward: ReLU, GELU, or SwiGLU (silu(x W_gate) * x W_up) W_down.
+"""Position-wise feed-forward: ReLU, GELU (exact erf, or the tanh approximation "gelu_tanh", GPT-2's
+gelu_new), or SwiGLU (silu(x W_gate) * x W_up) W_down; with model.mlp_bias every projection adds a bias.
 
 `activation` and `ffn_hidden` are the one definition of the hidden layer, shared with the MoE experts.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -14,8 +16,10 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.config import ACTIVATIONS, ConfigError, ModelConfig
+from transformer.layers.projection import bias_param, project
 
-_ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu}
+_ACTIVATIONS = {"relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
+                "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True), "swiglu": jax.nn.silu}
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -26,14 +30,15 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def ffn_hidden(x, w_up, w_gate, name: str, matmul: Callable) -> jax.Array:
-    """act(x W_gate) * x W_up with a gate (SwiGLU), else act(x W_up); `matmul(x, w)` applies one weight."""
+    """act(x W_gate) * x W_up with a gate (SwiGLU), else act(x W_up); `matmul(x, w)` applies one projection
+    (w: whatever matmul takes, e.g. a (weight, bias) pair)."""
     act = activation(name)
     h = matmul(x, w_up)
     return act(matmul(x, w_gate)) * h if w_gate is not None else act(h)
 
 
 class MLP(nnx.Module):
-    """x_BLD -> y_BLD. The down projection starts at init_std / sqrt(2 * num_layers)."""
+    """x_BLD -> y_BLD. The down projection starts at init_std / sqrt(2 * num_layers); biases (mlp_bias) at 0."""
 
     def __init__(self, cfg: ModelConfig, *, num_layers: int, rngs: nnx.Rngs):
         activation(cfg.activation)  # an unknown name fails here rather than at the first call
@@ -47,11 +52,14 @@ class MLP(nnx.Module):
         self.gate_DF = nnx.Param(init_in(rngs.params(), (D, F), param_dtype), logical_axes=("embed", "mlp")) \
             if cfg.activation == "swiglu" else None
         self.down_FD = nnx.Param(init_out(rngs.params(), (F, D), param_dtype), logical_axes=("mlp", "embed"))
+        self.up_bias = bias_param(cfg.mlp_bias, F, "mlp", param_dtype)
+        self.gate_bias = bias_param(cfg.mlp_bias and self.gate_DF is not None, F, "mlp", param_dtype)
+        self.down_bias = bias_param(cfg.mlp_bias, D, "embed", param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        w = lambda p: None if p is None else p[...].astype(self.dtype)
-        h_BLF = ffn_hidden(x_BLD.astype(self.dtype), w(self.up_DF), w(self.gate_DF), self.activation,
-                           lambda x_BLD, w_DF: jnp.einsum("BLD,DF->BLF", x_BLD, w_DF))
+        gate = None if self.gate_DF is None else (self.gate_DF, self.gate_bias)
+        h_BLF = ffn_hidden(x_BLD, (self.up_DF, self.up_bias), gate, self.activation,
+                           lambda x_BLD, w: project("BLD,DF->BLF", x_BLD, *w, self.dtype))
         h_BLF = sharding.constrain(h_BLF, ("batch", "length", "mlp"))
-        y_BLD = jnp.einsum("BLF,FD->BLD", h_BLF, w(self.down_FD))
+        y_BLD = project("BLF,FD->BLD", h_BLF, self.down_FD, self.down_bias, self.dtype)
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))

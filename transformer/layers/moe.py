@@ -14,6 +14,9 @@ constrained to logical axes ("expert", "batch", "capacity", "embed"), so on a me
 Dropless mode (`moe.dropless`): assignments are sorted by expert and the experts run as a
 grouped matmul (`jax.lax.ragged_dot`); nothing is dropped. `expert_choice` always uses its
 own capacity (each expert picks its top-C tokens of the group) and ignores `dropless`.
+
+With model.mlp_bias every expert projection adds a bias: shared experts like the dense MLP, routed experts
+one bias per expert, held flattened (experts x features, like `layers.projection`'s vectors).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from flax import nnx
 from transformer import sharding
 from transformer.config import ConfigError, ModelConfig
 from transformer.layers.mlp import activation, ffn_hidden
+from transformer.layers.projection import bias_param, project
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _ROUTING = ("batch", "length", None, None)
@@ -153,6 +157,11 @@ def router_z_loss(logits_TE: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)))
 
 
+def _per_expert(y_EBCF: jax.Array, bias_EF: jax.Array | None) -> jax.Array:
+    """y plus each expert's bias (broadcast over its token slots), or y without one."""
+    return y_EBCF if bias_EF is None else y_EBCF + bias_EF[:, None, None, :]
+
+
 class MoE(nnx.Module):
     """Routed experts (stacked FFNs following cfg.activation) plus optional always-on shared experts."""
 
@@ -186,6 +195,13 @@ class MoE(nnx.Module):
         self.shared_down = param((shared_F, D), ("mlp", "embed")) if shared_F else None
         self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,)) \
             if moe.router == "sigmoid_bias" else None
+        biased = cfg.mlp_bias
+        self.up_bias = bias_param(biased, E * F, "expert", param_dtype)
+        self.gate_bias = bias_param(biased and gated, E * F, "expert", param_dtype)
+        self.down_bias = bias_param(biased, E * D, "expert", param_dtype)
+        self.shared_up_bias = bias_param(biased and bool(shared_F), shared_F, "mlp", param_dtype)
+        self.shared_gate_bias = bias_param(biased and bool(shared_F) and gated, shared_F, "mlp", param_dtype)
+        self.shared_down_bias = bias_param(biased and bool(shared_F), D, "embed", param_dtype)
 
     def __call__(self, x_BLD: jax.Array, *, update_router_bias: bool = False,
                  no_drops: bool = False) -> tuple[jax.Array, dict]:
@@ -239,15 +255,25 @@ class MoE(nnx.Module):
     def _weight(self, w):
         return None if w is None else w[...].astype(self.dtype)
 
+    def _routed(self, w, bias):
+        """(weight, bias as one row per expert, or None) of a routed projection in the compute dtype; None
+        without the weight."""
+        if w is None:
+            return None
+        rows = None if bias is None else bias[...].astype(self.dtype).reshape(self.moe.num_experts, -1)
+        return self._weight(w), rows
+
     def _capacity_experts(self, x_BLD, dispatch_BLEC, combine_BLEC):
         dispatch_BLEC = sharding.constrain(dispatch_BLEC.astype(self.dtype), _ROUTING)
         combine_BLEC = sharding.constrain(combine_BLEC.astype(self.dtype), _ROUTING)
         x_EBCD = jnp.einsum("BLEC,BLD->EBCD", dispatch_BLEC, x_BLD.astype(self.dtype))
         x_EBCD = sharding.constrain(sharding.constrain(x_EBCD, _TOKEN_BUFFER), _EXPERT_BUFFER)
-        h_EBCF = ffn_hidden(x_EBCD, self._weight(self.w_up), self._weight(self.w_gate), self.activation,
-                            lambda x_EBCD, w_EDF: jnp.einsum("EBCD,EDF->EBCF", x_EBCD, w_EDF))
+        h_EBCF = ffn_hidden(x_EBCD, self._routed(self.w_up, self.up_bias), self._routed(self.w_gate, self.gate_bias),
+                            self.activation, lambda x_EBCD, w: _per_expert(jnp.einsum("EBCD,EDF->EBCF", x_EBCD, w[0]),
+                                                                           w[1]))
         h_EBCF = sharding.constrain(h_EBCF, _EXPERT_HIDDEN)
-        y_EBCD = jnp.einsum("EBCF,EFD->EBCD", h_EBCF, self._weight(self.w_down))
+        w_down_EFD, bias_ED = self._routed(self.w_down, self.down_bias)
+        y_EBCD = _per_expert(jnp.einsum("EBCF,EFD->EBCD", h_EBCF, w_down_EFD), bias_ED)
         y_EBCD = sharding.constrain(sharding.constrain(y_EBCD, _EXPERT_BUFFER), _TOKEN_BUFFER)
         y_BLD = jnp.einsum("BLEC,EBCD->BLD", combine_BLEC, y_EBCD)
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
@@ -258,17 +284,24 @@ class MoE(nnx.Module):
         order_A = jnp.argsort(expert_A, stable=True)
         group_sizes_E = jnp.bincount(expert_A, length=self.moe.num_experts).astype(jnp.int32)
         x_AD = einops.rearrange(x_BLD, "B L D -> (B L) D").astype(self.dtype)[order_A // X]
-        grouped = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E)
-        h_AF = ffn_hidden(x_AD, self._weight(self.w_up), self._weight(self.w_gate), self.activation, grouped)
-        y_AD = grouped(h_AF, self._weight(self.w_down))[jnp.argsort(order_A)]
+        sorted_expert_A = expert_A[order_A]
+
+        def grouped(x, w):
+            y = jax.lax.ragged_dot(x, w[0], group_sizes_E)
+            return y if w[1] is None else y + w[1][sorted_expert_A]
+
+        h_AF = ffn_hidden(x_AD, self._routed(self.w_up, self.up_bias), self._routed(self.w_gate, self.gate_bias),
+                          self.activation, grouped)
+        y_AD = grouped(h_AF, self._routed(self.w_down, self.down_bias))[jnp.argsort(order_A)]
         y_BLXD = einops.rearrange(y_AD, "(B L X) D -> B L X D", B=B, L=L)
         return jnp.einsum("BLX,BLXD->BLD", gate_BLX.astype(self.dtype), y_BLXD)
 
     def _shared_experts(self, x_BLD):
-        h_BLF = ffn_hidden(x_BLD.astype(self.dtype), self._weight(self.shared_up), self._weight(self.shared_gate),
-                           self.activation, lambda x_BLD, w_DF: jnp.einsum("BLD,DF->BLF", x_BLD, w_DF))
+        gate = None if self.shared_gate is None else (self.shared_gate, self.shared_gate_bias)
+        h_BLF = ffn_hidden(x_BLD, (self.shared_up, self.shared_up_bias), gate, self.activation,
+                           lambda x_BLD, w: project("BLD,DF->BLF", x_BLD, *w, self.dtype))
         h_BLF = sharding.constrain(h_BLF, ("batch", "length", "mlp"))
-        return jnp.einsum("BLF,FD->BLD", h_BLF, self._weight(self.shared_down))
+        return project("BLF,FD->BLD", h_BLF, self.shared_down, self.shared_down_bias, self.dtype)
 
     def _aux(self, logits_BLE, probs_BLE, assigned_BLE, top1_BL, dropped, dropped_tokens) -> dict:
         """dropped_fraction: routed (token, expert) assignments lost to capacity (expert choice: tokens no

@@ -1,14 +1,17 @@
 """Attention kernels behind one signature, and the one place that chooses between them.
 
     attention(q_BQHW, k_BKGW, v_BKGW, mask, *, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
-              kv_segment_ids_BK, scale, implementation, block_size, return_lse) -> out_BQHW [, lse_BHQ]
+              kv_segment_ids_BK, relative_bias_OH, scale, implementation, block_size, return_lse)
+        -> out_BQHW [, lse_BHQ]
 
 Kernels (`KERNELS`): "reference" (einsum, any mask), "blockwise" (FlashAttention-2 style online softmax
 with a custom_vjp backward, O(Q + K) memory), "cudnn" (jax.nn.dot_product_attention on GPU), and "auto"
 (`select_kernel`). H is a multiple of G (GQA/MQA): the H query heads are viewed as G x R groups and K/V
 are never repeated. What may attend to what comes only from `mask` (an `AttentionMask`) applied to the
-explicit positions and segment ids. Softmax statistics are float32; lse_BHQ is the natural log-sum-exp of
-the scaled, biased, masked scores (-inf for a query that sees no key, whose output is 0).
+explicit positions and segment ids, and so do its score biases: ALiBi's, and T5's relative-position bias
+from the learned table relative_bias_OH (differentiable: the reference kernel by autodiff, the blockwise
+backward sums each tile's score gradients per bucket). Softmax statistics are float32; lse_BHQ is the natural
+log-sum-exp of the scaled, biased, masked scores (-inf for a query that sees no key, whose output is 0).
 
 Blockwise memory: the forward keeps per query chunk only (m, l, acc) and one (block x block) score tile
 per head; the backward (`blockwise_grads`, which ring attention also calls for its blocks) saves only
@@ -54,6 +57,8 @@ def cudnn_problem(mask: AttentionMask, dtype, head_width: int, *, platform: str 
         return f"it needs a head width that is a multiple of 8 and <= 128, got {head_width}"
     if mask.alibi_slopes is not None:
         return "it cannot add ALiBi biases"
+    if mask.relative_buckets is not None:
+        return "it cannot add T5 relative-position biases"
     if mask.prefix_length:
         return f"it has no prefix-LM mask (prefix_length={mask.prefix_length})"
     if mask.sliding_window and not mask.causal:
@@ -129,10 +134,10 @@ def full_like_inputs(shape, fill_value, *like, dtype=jnp.float32):
     return out
 
 
-def _logits_BGRQK(mask, scale, q_BQGRW, k_BKGW, q_positions_BQ, kv_positions_BK):
-    """Scaled float32 scores plus the mask's ALiBi bias (masking is applied by the caller)."""
+def _logits_BGRQK(mask, scale, q_BQGRW, k_BKGW, q_positions_BQ, kv_positions_BK, relative_bias_OH):
+    """Scaled float32 scores plus the mask's biases (masking is applied by the caller)."""
     scores_BGRQK = jnp.einsum("bqgrw,bkgw->bgrqk", q_BQGRW, k_BKGW, preferred_element_type=jnp.float32) * scale
-    bias_BHQK = mask.alibi_bias_BHQK(q_positions_BQ, kv_positions_BK)
+    bias_BHQK = mask.bias_BHQK(q_positions_BQ, kv_positions_BK, relative_bias_OH)
     if bias_BHQK is not None:
         scores_BGRQK += bias_BHQK.reshape(scores_BGRQK.shape)
     return scores_BGRQK
@@ -160,12 +165,14 @@ def merge_partials(a, b):
 # ---------------------------------------------------------------- reference
 
 
-def reference_kernel(mask, scale, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK):
+def reference_kernel(mask, scale, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK,
+                     relative_bias_OH=None):
     """Einsum attention over all keys at once: (out_BQHW in q's dtype, lse_BHQ float32)."""
     B, Q, H, W = q_BQHW.shape
     G = k_BKGW.shape[2]
     q_BQGRW = q_BQHW.astype(jnp.float32).reshape(B, Q, G, H // G, W)
-    scores_BGRQK = _logits_BGRQK(mask, scale, q_BQGRW, k_BKGW.astype(jnp.float32), q_pos_BQ, kv_pos_BK)
+    scores_BGRQK = _logits_BGRQK(mask, scale, q_BQGRW, k_BKGW.astype(jnp.float32), q_pos_BQ, kv_pos_BK,
+                                 relative_bias_OH)
     allowed_B11QK = mask.allowed(q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK)[:, None, None]
     scores_BGRQK = jnp.where(allowed_B11QK, scores_BGRQK, -jnp.inf)
     max_BGRQ = lax.stop_gradient(scores_BGRQK.max(-1))
@@ -189,19 +196,27 @@ def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _visit_kv_block(spec, j, q_chunk, kv, update, carry):
-    """`update(carry, k_BkGW, v_BkGW, s_BGRqk)` for kv block j of a q chunk, with s the tile's scores (-inf where
-    masked); skipped when the mask hides the whole tile. q_chunk = (q_BqGRW, qp_Bq, qs_Bq);
+def _visit_kv_block(spec, j, q_chunk, kv, relative_bias_OH, update, carry):
+    """`update(carry, k_BkGW, v_BkGW, s_BGRqk, kp_Bk)` for kv block j of a q chunk, with s the tile's scores
+    (biased, -inf where masked); skipped when the mask hides the whole tile. q_chunk = (q_BqGRW, qp_Bq, qs_Bq);
     kv = (k_BKGW, v_BKGW, kp_BK, ks_BK, kvalid_BK)."""
     q_BqGRW, qp_Bq, qs_Bq = q_chunk
     k_BkGW, v_BkGW, kp_Bk, ks_Bk, kvalid_Bk = (_slice(x, j * spec.block_k, spec.block_k) for x in kv)
     ok_B11qk = (spec.mask.allowed(qp_Bq, kp_Bk, qs_Bq, ks_Bk) & kvalid_Bk[:, None, :])[:, None, None]
 
     def visit(carry):
-        s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk)
-        return update(carry, k_BkGW, v_BkGW, jnp.where(ok_B11qk, s_BGRqk, -jnp.inf))
+        s_BGRqk = _logits_BGRQK(spec.mask, spec.scale, q_BqGRW, k_BkGW, qp_Bq, kp_Bk, relative_bias_OH)
+        return update(carry, k_BkGW, v_BkGW, jnp.where(ok_B11qk, s_BGRqk, -jnp.inf), kp_Bk)
 
     return lax.cond(ok_B11qk.any(), visit, lambda c: c, carry)
+
+
+def _relative_bias_grad_OH(spec, qp_Bq, kp_Bk, dscores_BGRqk):
+    """d(loss)/d(relative_bias_OH) of one tile: each head's score gradients summed over the pairs of each bucket."""
+    bucket_Bqk = spec.mask.relative_buckets.bucket(kp_Bk[:, None, :] - qp_Bq[:, :, None])
+    B, G, R = dscores_BGRqk.shape[:3]
+    dscores_TH = jnp.einsum("bgrqk->bqkgr", dscores_BGRqk).reshape(-1, G * R)
+    return jax.ops.segment_sum(dscores_TH, bucket_Bqk.reshape(-1), spec.mask.relative_buckets.num_buckets)
 
 
 def _dims(q_BQHW, k_BKGW, v_BKGW):
@@ -210,7 +225,7 @@ def _dims(q_BQHW, k_BKGW, v_BKGW):
     return B, Q, H, W, K, G, H // G, v_BKGW.shape[-1]
 
 
-def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK):
+def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, bias_OH):
     # Tie the mask inputs to q: inside a differentiated lax.scan (the model's layer scan) jax hoists work that
     # depends only on loop constants (positions, segment ids) out of the loop, which would store every
     # (q-chunk, kv-block) mask tile: quadratic memory.
@@ -227,7 +242,7 @@ def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
         q_BqGRW, qp_Bq, qs_Bq = (_slice(x, i * bq, bq) for x in (q_BQGRW, qp_BQ, qs_BQ))
 
         def kv_step(carry, j):
-            def update(carry, k_BkGW, v_BkGW, s_BGRqk):
+            def update(carry, k_BkGW, v_BkGW, s_BGRqk, _):
                 m_BGRq, l_BGRq, acc_BGRqW = carry
                 m_new = jnp.maximum(m_BGRq, s_BGRqk.max(-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -238,7 +253,7 @@ def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
                                       preferred_element_type=jnp.float32)
                 return m_new, l_BGRq, acc_BGRqW * corr_BGRq[..., None] + pv_BGRqW
 
-            return _visit_kv_block(spec, j, (q_BqGRW, qp_Bq, qs_Bq), kv, update, carry), None
+            return _visit_kv_block(spec, j, (q_BqGRW, qp_Bq, qs_Bq), kv, bias_OH, update, carry), None
 
         init = (full_like_inputs((B, G, R, bq), -jnp.inf, *inputs), full_like_inputs((B, G, R, bq), 0.0, *inputs),
                 full_like_inputs((B, G, R, bq, Wv), 0.0, *inputs))
@@ -253,10 +268,10 @@ def _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kv
     return out_BQHW, lse_BHQ
 
 
-def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, dout_BQHW, lse_BHQ,
+def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, bias_OH, dout_BQHW, lse_BHQ,
                  dsoft_BHQ):
-    """float32 (dq, dk, dv), FlashAttention-2 style, from the rows' softmax statistics: lse and
-    dsoft = d(loss)/d(lse) - sum(dout * out). A row with lse = +inf contributes nothing (padding)."""
+    """float32 (dq, dk, dv, d bias_OH or None), FlashAttention-2 style, from the rows' softmax statistics: lse
+    and dsoft = d(loss)/d(lse) - sum(dout * out). A row with lse = +inf contributes nothing (padding)."""
     B, Qp, H, W, Kp, G, R, Wv = _dims(q_BQHW, k_BKGW, v_BKGW)
     bq, bk = spec.block_q, spec.block_k
     q_BQGRW = q_BQHW.reshape(B, Qp, G, R, W)
@@ -265,6 +280,7 @@ def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvali
     lse_BGRQ = jnp.where(lse_BGRQ == -jnp.inf, 0.0, lse_BGRQ)
     dsoft_BGRQ = dsoft_BHQ.astype(jnp.float32).reshape(B, G, R, Qp)
     inputs = (q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, dout_BQHW, lse_BHQ, dsoft_BHQ)
+    dbias_OH = None if bias_OH is None else full_like_inputs(bias_OH.shape, 0.0, bias_OH, *inputs)
 
     kv = (k_BKGW, v_BKGW, kp_BK, ks_BK, kvalid_BK)
 
@@ -273,34 +289,38 @@ def _flash_grads(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvali
         lse_BGRq, dsoft_BGRq = _slice(lse_BGRQ, i * bq, bq, axis=3), _slice(dsoft_BGRQ, i * bq, bq, axis=3)
 
         def kv_step(carry, j):
-            def update(carry, k_BkGW, v_BkGW, s_BGRqk):
-                dq_BqGRW, dk_BKGW, dv_BKGW = carry
+            def update(carry, k_BkGW, v_BkGW, s_BGRqk, kp_Bk):
+                dq_BqGRW, dk_BKGW, dv_BKGW, dbias_OH = carry
                 p_BGRqk = jnp.exp(s_BGRqk - lse_BGRq[..., None])
                 dv_BkGW = jnp.einsum("bgrqk,bqgrw->bkgw", p_BGRqk.astype(dout_BqGRW.dtype), dout_BqGRW,
                                      preferred_element_type=jnp.float32)
                 dp_BGRqk = jnp.einsum("bqgrw,bkgw->bgrqk", dout_BqGRW, v_BkGW, preferred_element_type=jnp.float32)
-                ds_BGRqk = (p_BGRqk * (dp_BGRqk + dsoft_BGRq[..., None]) * spec.scale).astype(q_BqGRW.dtype)
+                dscores_BGRqk = p_BGRqk * (dp_BGRqk + dsoft_BGRq[..., None])
+                ds_BGRqk = (dscores_BGRqk * spec.scale).astype(q_BqGRW.dtype)
                 dq_BqGRW = dq_BqGRW + jnp.einsum("bgrqk,bkgw->bqgrw", ds_BGRqk, k_BkGW,
                                                  preferred_element_type=jnp.float32)
                 dk_BkGW = jnp.einsum("bgrqk,bqgrw->bkgw", ds_BGRqk, q_BqGRW, preferred_element_type=jnp.float32)
                 dk_BKGW = lax.dynamic_update_slice_in_dim(dk_BKGW, _slice(dk_BKGW, j * bk, bk) + dk_BkGW, j * bk, 1)
                 dv_BKGW = lax.dynamic_update_slice_in_dim(dv_BKGW, _slice(dv_BKGW, j * bk, bk) + dv_BkGW, j * bk, 1)
-                return dq_BqGRW, dk_BKGW, dv_BKGW
+                if dbias_OH is not None:
+                    dbias_OH = dbias_OH + _relative_bias_grad_OH(spec, qp_Bq, kp_Bk, dscores_BGRqk)
+                return dq_BqGRW, dk_BKGW, dv_BKGW, dbias_OH
 
-            return _visit_kv_block(spec, j, (q_BqGRW, qp_Bq, qs_Bq), kv, update, carry), None
+            return _visit_kv_block(spec, j, (q_BqGRW, qp_Bq, qs_Bq), kv, bias_OH, update, carry), None
 
         init = (full_like_inputs((B, bq, G, R, W), 0.0, *inputs), *dkv)
-        (dq_BqGRW, dk_BKGW, dv_BKGW), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
-        return (dk_BKGW, dv_BKGW), dq_BqGRW.reshape(B, bq, H, W)
+        (dq_BqGRW, *dkv), _ = lax.scan(kv_step, init, jnp.arange(Kp // bk))
+        return tuple(dkv), dq_BqGRW.reshape(B, bq, H, W)
 
-    dkv_init = (full_like_inputs((B, Kp, G, W), 0.0, *inputs), full_like_inputs((B, Kp, G, Wv), 0.0, *inputs))
-    (dk_BKGW, dv_BKGW), dq_UBqHW = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
-    return jnp.moveaxis(dq_UBqHW, 0, 1).reshape(B, Qp, H, W), dk_BKGW, dv_BKGW
+    dkv_init = (full_like_inputs((B, Kp, G, W), 0.0, *inputs), full_like_inputs((B, Kp, G, Wv), 0.0, *inputs),
+                dbias_OH)
+    (dk_BKGW, dv_BKGW, dbias_OH), dq_UBqHW = lax.scan(q_chunk, dkv_init, jnp.arange(Qp // bq))
+    return jnp.moveaxis(dq_UBqHW, 0, 1).reshape(B, Qp, H, W), dk_BKGW, dv_BKGW, dbias_OH
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK):
-    return _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK)
+def _flash(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, bias_OH):
+    return _flash_fwd_impl(spec, q_BQHW, k_BKGW, v_BKGW, qp_BQ, kp_BK, qs_BQ, ks_BK, kvalid_BK, bias_OH)
 
 
 def _flash_fwd(spec, *args):
@@ -312,9 +332,10 @@ def _flash_bwd(spec, residuals, cotangents):
     args, out_BQHW, lse_BHQ = residuals
     dout_BQHW, dlse_BHQ = cotangents
     delta_BHQ = jnp.einsum("bqhw,bqhw->bhq", dout_BQHW.astype(jnp.float32), out_BQHW.astype(jnp.float32))
-    dq, dk, dv = _flash_grads(spec, *args, dout_BQHW, lse_BHQ, dlse_BHQ.astype(jnp.float32) - delta_BHQ)
-    q_BQHW, k_BKGW, v_BKGW = args[:3]
-    return (dq.astype(q_BQHW.dtype), dk.astype(k_BKGW.dtype), dv.astype(v_BKGW.dtype)) + (None,) * 5
+    dq, dk, dv, dbias = _flash_grads(spec, *args, dout_BQHW, lse_BHQ, dlse_BHQ.astype(jnp.float32) - delta_BHQ)
+    q_BQHW, k_BKGW, v_BKGW, bias_OH = args[0], args[1], args[2], args[-1]
+    return ((dq.astype(q_BQHW.dtype), dk.astype(k_BKGW.dtype), dv.astype(v_BKGW.dtype)) + (None,) * 5
+            + (None if dbias is None else dbias.astype(bias_OH.dtype),))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -328,7 +349,8 @@ def _pad_to(x, length, value, axis=1):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK):
+def _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, kv_pos_BK, q_seg_BQ, kv_seg_BK,
+                     relative_bias_OH=None):
     """(spec, padded kernel inputs): lengths padded up to whole blocks; padded keys are marked invalid."""
     B, Q = q_BQHW.shape[:2]
     K = k_BKGW.shape[1]
@@ -336,7 +358,8 @@ def _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, q_pos_BQ, 
     Qp, Kp = -(-Q // bq) * bq, -(-K // bk) * bk
     kvalid_BK = _pad_to(jnp.ones((B, K), bool), Kp, False)
     args = (_pad_to(q_BQHW, Qp, 0), _pad_to(k_BKGW, Kp, 0), _pad_to(v_BKGW, Kp, 0), _pad_to(q_pos_BQ, Qp, 0),
-            _pad_to(kv_pos_BK, Kp, 0), _pad_to(q_seg_BQ, Qp, 0), _pad_to(kv_seg_BK, Kp, 0), kvalid_BK)
+            _pad_to(kv_pos_BK, Kp, 0), _pad_to(q_seg_BQ, Qp, 0), _pad_to(kv_seg_BK, Kp, 0), kvalid_BK,
+            relative_bias_OH)
     return _Spec(mask, float(scale), bq, bk), args
 
 
@@ -348,18 +371,18 @@ def _blockwise(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, *tokens):
 
 
 def blockwise_grads(q_BQHW, k_BKGW, v_BKGW, dout_BQHW, lse_BHQ, dsoft_BHQ, mask: AttentionMask, *,
-                    q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale: float,
-                    block_size: int = 512):
-    """float32 (dq_BQHW, dk_BKGW, dv_BKGW) of attention over these keys, given each query row's softmax
-    statistics over *all* of its keys (which may include keys elsewhere, as in ring attention): lse_BHQ
-    and dsoft_BHQ = d(loss)/d(lse) - sum(dout * out)."""
+                    q_positions_BQ, kv_positions_BK, q_segment_ids_BQ=None, kv_segment_ids_BK=None,
+                    relative_bias_OH=None, scale: float, block_size: int = 512):
+    """float32 (dq_BQHW, dk_BKGW, dv_BKGW, d relative_bias_OH or None) of attention over these keys, given each
+    query row's softmax statistics over *all* of its keys (which may include keys elsewhere, as in ring
+    attention): lse_BHQ and dsoft_BHQ = d(loss)/d(lse) - sum(dout * out)."""
     Q, K = q_BQHW.shape[1], k_BKGW.shape[1]
     spec, args = _blockwise_setup(mask, scale, block_size, q_BQHW, k_BKGW, v_BKGW, q_positions_BQ,
-                                  kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK)
+                                  kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK, relative_bias_OH)
     Qp = args[0].shape[1]
-    dq, dk, dv = _flash_grads(spec, *args, _pad_to(dout_BQHW, Qp, 0), _pad_to(lse_BHQ, Qp, jnp.inf, axis=2),
-                              _pad_to(dsoft_BHQ, Qp, 0, axis=2))
-    return dq[:, :Q], dk[:, :K], dv[:, :K]
+    dq, dk, dv, dbias_OH = _flash_grads(spec, *args, _pad_to(dout_BQHW, Qp, 0), _pad_to(lse_BHQ, Qp, jnp.inf, axis=2),
+                                        _pad_to(dsoft_BHQ, Qp, 0, axis=2))
+    return dq[:, :Q], dk[:, :K], dv[:, :K], dbias_OH
 
 
 # ---------------------------------------------------------------- cudnn
@@ -399,7 +422,7 @@ def _check_shape(name, x, expected):
 
 
 def check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None,
-                 kv_segment_ids_BK=None, *, scale=None, block_size=512) -> None:
+                 kv_segment_ids_BK=None, *, relative_bias_OH=None, scale=None, block_size=512) -> None:
     """ValueError, naming the bad value and what would be valid, for any input no kernel can run."""
     if not isinstance(mask, AttentionMask):
         raise ValueError(f"mask must be an AttentionMask, got {type(mask).__name__}")
@@ -418,7 +441,7 @@ def check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ=None, kv_positions
         raise ValueError(f"v shape {tuple(v_BKGW.shape)} must match k shape {tuple(k_BKGW.shape)} in (B, K, G)")
     if G == 0 or H % G:
         raise ValueError(f"query heads H={H} must be a multiple of kv heads G={G} (GQA/MQA)")
-    mask.check_heads(H)
+    mask.check_heads(H, relative_bias_OH)
     _check_shape("q_positions_BQ", q_positions_BQ, (B, Q))
     _check_shape("kv_positions_BK", kv_positions_BK, (B, K))
     if (q_segment_ids_BQ is None) != (kv_segment_ids_BK is None):
@@ -442,16 +465,17 @@ def arange_positions(positions, batch: int, length: int):
 
 
 def attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=None, kv_positions_BK=None,
-              q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale=None, implementation="auto", block_size=512,
-              return_lse=False):
+              q_segment_ids_BQ=None, kv_segment_ids_BK=None, relative_bias_OH=None, scale=None, implementation="auto",
+              block_size=512, return_lse=False):
     """Scaled dot-product attention; returns out_BQHW, or (out_BQHW, lse_BHQ float32) with return_lse.
 
-    Positions default to arange, scale to 1/sqrt(W). `implementation` goes through `select_kernel`: "auto"
+    Positions default to arange, scale to 1/sqrt(W). relative_bias_OH: T5's (buckets, H) bias table, exactly
+    when the mask has `relative_buckets`. `implementation` goes through `select_kernel`: "auto"
     runs cuDNN on GPU when the mask allows it and, for batches with explicit positions / segment ids,
     only for those whose layout `cudnn_layout_ok` accepts (decided at run time), else blockwise.
     """
     check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK,
-                 scale=scale, block_size=block_size)
+                 relative_bias_OH=relative_bias_OH, scale=scale, block_size=block_size)
     B, Q, H, W = q_BQHW.shape
     K = k_BKGW.shape[1]
     scale = 1.0 / math.sqrt(W) if scale is None else float(scale)
@@ -467,12 +491,13 @@ def attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, q_positions_BQ=Non
             return cudnn(q_BQHW, k_BKGW, v_BKGW)
         blockwise = functools.partial(attention, mask=mask, q_positions_BQ=q_positions_BQ,
                                       kv_positions_BK=kv_positions_BK, q_segment_ids_BQ=q_segment_ids_BQ,
-                                      kv_segment_ids_BK=kv_segment_ids_BK, scale=scale, implementation="blockwise",
+                                      kv_segment_ids_BK=kv_segment_ids_BK, relative_bias_OH=relative_bias_OH,
+                                      scale=scale, implementation="blockwise",
                                       block_size=block_size, return_lse=return_lse)
         return lax.cond(layout_ok, cudnn, blockwise, q_BQHW, k_BKGW, v_BKGW)
 
     args = (q_BQHW, k_BKGW, v_BKGW, arange_positions(q_positions_BQ, B, Q), arange_positions(kv_positions_BK, B, K),
-            q_segment_ids_BQ, kv_segment_ids_BK)
+            q_segment_ids_BQ, kv_segment_ids_BK, relative_bias_OH)
     if chosen == "reference":
         out_BQHW, lse_BHQ = reference_kernel(mask, scale, *args)
     else:

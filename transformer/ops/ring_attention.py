@@ -8,7 +8,9 @@ gradient accumulators, which arrive home after a full cycle; each block's gradie
 `attention.blockwise_grads` with the rows' global lse and delta = sum(dout * out) (FlashAttention-2).
 
 The mask is the caller's `AttentionMask` applied to *global* positions, so any token order is exact; the
-balanced order for causal masks is zigzag (`ops.layout`). Each local shard is split into two halves
+balanced order for causal masks is zigzag (`ops.layout`). A T5 relative bias table is replicated over the
+ring; each device sums its own queries' bias gradient over the ring steps, and the shard_map sums those
+over the devices (the transpose of replicating the table). Each local shard is split into two halves
 (queries and keys alike) and each of the four (query half, kv half) sub-blocks runs only when
 `mask.may_attend` says some pair in it is visible; otherwise a `lax.cond` skips it. Under zigzag + causal
 every device then runs 2P + 1 equal sub-blocks (`layout.ring_work` reports the schedule).
@@ -47,23 +49,28 @@ class _Options:
 # ----------------------------------------------------------------------------- public entry points
 
 def ring_attention(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, *, axis_name=SEQUENCE, q_positions_BQ=None,
-                   kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None, scale: float | None = None,
-                   implementation: str = "auto", block_size: int = 512):
+                   kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None, relative_bias_OH=None,
+                   scale: float | None = None, implementation: str = "auto", block_size: int = 512):
     """Exact attention of the local query shard over the whole sequence sharded on `axis_name`.
 
     Call inside `jax.shard_map`. Positions are the *global* positions of the local shard (default: the
     contiguous layout, axis_index * Q + arange(Q)); kv positions and segment ids default to the query's
-    when Q == K. ALiBi slopes are constants (no gradient). Returns out_BQHW in q's dtype. Works under
+    when Q == K. ALiBi slopes are constants (no gradient); the T5 table relative_bias_OH (the local heads' columns)
+    gets one. Returns out_BQHW in q's dtype. Works under
     `shard_map(check_vma=True)`: every loop carry is built to vary over the same mesh axes as the inputs.
     """
     B, W = q_BQHW.shape[0], q_BQHW.shape[3]
     contiguous = lambda given, length: _contiguous_positions(axis_name, B, length) if given is None else given
     tokens = _with_defaults(q_BQHW, k_BKGW, contiguous, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
                             kv_segment_ids_BK)
-    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, scale=scale, block_size=block_size)
+    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, relative_bias_OH=relative_bias_OH, scale=scale,
+                               block_size=block_size)
     kernel = attention_ops.select_kernel(implementation, mask, q_BQHW.dtype, W)
     opts = _Options(axis_name, mask, float(1.0 / math.sqrt(W) if scale is None else scale), kernel, int(block_size))
-    return _ring(opts, q_BQHW, k_BKGW, v_BKGW, *(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens))
+    if relative_bias_OH is not None:  # typed to vary like the queries: its gradient is psummed by autodiff
+        relative_bias_OH = relative_bias_OH + jnp.zeros_like(q_BQHW, dtype=relative_bias_OH.dtype, shape=())
+    return _ring(opts, q_BQHW, k_BKGW, v_BKGW, *(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens),
+                 relative_bias_OH)
 
 
 def _with_defaults(q_BQHW, k_BKGW, positions_for, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
@@ -95,7 +102,8 @@ def ring_mesh(ring_size: int, devices: Sequence[jax.Device] | None = None) -> Me
 
 def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Mesh | None = None, *,
                            q_positions_BQ=None, kv_positions_BK=None, q_segment_ids_BQ=None, kv_segment_ids_BK=None,
-                           scale: float | None = None, implementation: str = "auto", block_size: int = 512):
+                           relative_bias_OH=None, scale: float | None = None, implementation: str = "auto",
+                           block_size: int = 512):
     """`ring_attention` on global arrays: shard_map over the mesh's `sequence` axis (batch and heads as
     `sharding.logical_to_spec` decides; with ALiBi the compiler splits the heads). `mesh` defaults to the
     current one.
@@ -114,7 +122,8 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
     arange = lambda given, length: attention_ops.arange_positions(given, B, length)
     tokens = _with_defaults(q_BQHW, k_BKGW, arange, q_positions_BQ, kv_positions_BK, q_segment_ids_BQ,
                             kv_segment_ids_BK)
-    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, scale=scale, block_size=block_size)
+    attention_ops.check_inputs(q_BQHW, k_BKGW, v_BKGW, mask, *tokens, relative_bias_OH=relative_bias_OH, scale=scale,
+                               block_size=block_size)
     ring = mesh.shape[SEQUENCE]
     for name, length in (("query", Lq), ("kv", Lk)):
         problem = layout.ring_length_problem(f"{name} sequence length {length}", length, f"ring size {ring}", ring,
@@ -137,16 +146,19 @@ def ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, mesh: Me
                                        k_BKGW.shape)
     tokens_specs = tuple(None if x is None else sharding.logical_to_spec(("batch", "length"), mesh, x.shape)
                          for x in tokens)
+    bias_spec = None if relative_bias_OH is None else jax.sharding.PartitionSpec(None, q_spec[2])
 
-    def local(q, k, v, tokens):
+    def local(q, k, v, tokens, relative_bias_OH):
         return ring_attention(q, k, v, mask, axis_name=SEQUENCE, scale=scale, implementation=kernel,
-                              block_size=block_size, **dict(zip(_TOKEN_NAMES, tokens)))
+                              block_size=block_size, relative_bias_OH=relative_bias_OH,
+                              **dict(zip(_TOKEN_NAMES, tokens)))
 
     # Older jax releases' cuDNN attention primitive drops the varying-mesh-axes type of its outputs
     # (jax-ml/jax#36008), so only that block kernel is mapped without the vma type check.
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, tokens_specs), out_specs=q_spec,
-                           axis_names=manual_axes, check_vma=kernel != "cudnn")
-    return mapped(q_BQHW, k_BKGW, v_BKGW, tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens))
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, tokens_specs, bias_spec),
+                           out_specs=q_spec, axis_names=manual_axes, check_vma=kernel != "cudnn")
+    return mapped(q_BQHW, k_BKGW, v_BKGW, tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in tokens),
+                  relative_bias_OH)
 
 
 _TOKEN_NAMES = ("q_positions_BQ", "kv_positions_BK", "q_segment_ids_BQ", "kv_segment_ids_BK")
@@ -175,16 +187,16 @@ def _halves(opts, has_segments: bool, q_len: int, kv_len: int, axis: int, *array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(opts, q, k, v, qpos, kpos, qseg, kseg):
-    return _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg)[0]
+def _ring(opts, q, k, v, qpos, kpos, qseg, kseg, bias):
+    return _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg, bias)[0]
 
 
-def _ring_fwd_rule(opts, q, k, v, qpos, kpos, qseg, kseg):
-    out, lse = _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg)
-    return out, (q, k, v, qpos, kpos, qseg, kseg, out, lse)
+def _ring_fwd_rule(opts, q, k, v, qpos, kpos, qseg, kseg, bias):
+    out, lse = _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg, bias)
+    return out, (q, k, v, qpos, kpos, qseg, kseg, bias, out, lse)
 
 
-def _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
+def _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg, bias):
     size = lax.axis_size(opts.axis_name)
     B, Q, H, W = q.shape
     like = (q, k, qpos, kpos)
@@ -192,14 +204,14 @@ def _ring_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
     def body(carry, _):
         kv, acc = carry
         nxt = _rotate(kv, opts.axis_name, size)
-        return (nxt, attention_ops.merge_partials(acc, _step_forward(opts, q, *kv, qpos, qseg))), None
+        return (nxt, attention_ops.merge_partials(acc, _step_forward(opts, q, *kv, qpos, qseg, bias))), None
 
     acc = (_zeros((B, Q, H, v.shape[-1]), *like), _zeros((B, H, Q), *like) - jnp.inf)
     (_, (out, lse)), _ = lax.scan(body, ((k, v, kpos, kseg), acc), length=size)
     return out.astype(q.dtype), lse
 
 
-def _step_forward(opts, q, k, v, kpos, kseg, qpos, qseg):
+def _step_forward(opts, q, k, v, kpos, kseg, qpos, qseg, bias):
     """(out f32, lse) of the local queries against one kv shard, sub-block by sub-block."""
     split = functools.partial(_halves, opts, qseg is not None, q.shape[1], k.shape[1])
     kv_parts = split(1, k, v, kpos, kseg)
@@ -207,14 +219,14 @@ def _step_forward(opts, q, k, v, kpos, kseg, qpos, qseg):
     for qi, qpos_i, qseg_i in split(1, q, qpos, qseg):
         acc = None
         for kj, vj, kpos_j, kseg_j in kv_parts:
-            res = _sub_forward(opts, qi, kj, vj, qpos_i, kpos_j, qseg_i, kseg_j)
+            res = _sub_forward(opts, qi, kj, vj, qpos_i, kpos_j, qseg_i, kseg_j, bias)
             acc = res if acc is None else attention_ops.merge_partials(acc, res)
         outs.append(acc[0])
         lses.append(acc[1])
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
-def _sub_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
+def _sub_forward(opts, q, k, v, qpos, kpos, qseg, kseg, bias):
     B, Q, H, _ = q.shape
     like = (q, k, qpos, kpos)
 
@@ -224,7 +236,8 @@ def _sub_forward(opts, q, k, v, qpos, kpos, qseg, kseg):
     def generic(_):
         out, lse = attention_ops.attention(
             q, k, v, opts.mask, q_positions_BQ=qpos, kv_positions_BK=kpos, q_segment_ids_BQ=qseg,
-            kv_segment_ids_BK=kseg, scale=opts.scale, block_size=opts.block_size, return_lse=True,
+            kv_segment_ids_BK=kseg, relative_bias_OH=bias, scale=opts.scale, block_size=opts.block_size,
+            return_lse=True,
             implementation="blockwise" if opts.kernel == "cudnn" else opts.kernel)
         return out.astype(_F32) + _zeros((), *like), lse.astype(_F32) + _zeros((), *like)
 
@@ -256,53 +269,60 @@ def _cudnn_forward(opts, q, k, v, qpos, kpos, qseg, kseg, empty, generic):
 
 
 def _ring_bwd_rule(opts, residuals, dout):
-    q, k, v, qpos, kpos, qseg, kseg, out, lse = residuals
+    q, k, v, qpos, kpos, qseg, kseg, bias, out, lse = residuals
     size = lax.axis_size(opts.axis_name)
     dsoft = -jnp.einsum("bqhw,bqhw->bhq", dout.astype(_F32), out.astype(_F32))
     like = (q, k, qpos, kpos, dout)
 
     def body(carry, _):
-        kv, dq, (dk, dv) = carry
+        kv, dq, dbias, (dk, dv) = carry
         nxt = _rotate(kv, opts.axis_name, size)
-        gq, gk, gv = _step_backward(opts, q, *kv, qpos, qseg, dout, lse, dsoft)
-        return (nxt, dq + gq, _rotate((dk + gk, dv + gv), opts.axis_name, size)), None
+        gq, gk, gv, gbias = _step_backward(opts, q, *kv, qpos, qseg, bias, dout, lse, dsoft)
+        dbias = None if dbias is None else dbias + gbias
+        return (nxt, dq + gq, dbias, _rotate((dk + gk, dv + gv), opts.axis_name, size)), None
 
-    init = ((k, v, kpos, kseg), _zeros(q.shape, *like), (_zeros(k.shape, *like), _zeros(v.shape, *like)))
-    (_, dq, (dk, dv)), _ = lax.scan(body, init, length=size)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + (None,) * 4
+    dbias = None if bias is None else _zeros(bias.shape, bias, *like)
+    init = ((k, v, kpos, kseg), _zeros(q.shape, *like), dbias, (_zeros(k.shape, *like), _zeros(v.shape, *like)))
+    (_, dq, dbias, (dk, dv)), _ = lax.scan(body, init, length=size)
+    return ((dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + (None,) * 4
+            + (None if bias is None else dbias.astype(bias.dtype),))
 
 
 _ring.defvjp(_ring_fwd_rule, _ring_bwd_rule)
 
 
-def _step_backward(opts, q, k, v, kpos, kseg, qpos, qseg, dout, lse, dsoft):
-    """float32 (dq, dk, dv) of one ring step, sub-block by sub-block."""
+def _step_backward(opts, q, k, v, kpos, kseg, qpos, qseg, bias, dout, lse, dsoft):
+    """float32 (dq, dk, dv, d bias or None) of one ring step, sub-block by sub-block."""
     split = functools.partial(_halves, opts, qseg is not None, q.shape[1], k.shape[1])
     q_parts, stats = split(1, q, qpos, qseg, dout), split(2, lse, dsoft)
     dq_parts = [None] * len(q_parts)
     dk_parts, dv_parts = [], []
+    dbias = None
     for kj, vj, kpos_j, kseg_j in split(1, k, v, kpos, kseg):
         dk_j = dv_j = 0.0
         for i, (qi, qpos_i, qseg_i, dout_i) in enumerate(q_parts):
-            gq, gk, gv = _sub_backward(opts, qi, kj, vj, qpos_i, kpos_j, qseg_i, kseg_j, dout_i, *stats[i])
+            gq, gk, gv, gbias = _sub_backward(opts, qi, kj, vj, qpos_i, kpos_j, qseg_i, kseg_j, bias, dout_i,
+                                              *stats[i])
             dq_parts[i] = gq if dq_parts[i] is None else dq_parts[i] + gq
             dk_j, dv_j = dk_j + gk, dv_j + gv
+            dbias = gbias if dbias is None else dbias + gbias
         dk_parts.append(dk_j)
         dv_parts.append(dv_j)
-    return tuple(jnp.concatenate(parts, axis=1) for parts in (dq_parts, dk_parts, dv_parts))
+    return tuple(jnp.concatenate(parts, axis=1) for parts in (dq_parts, dk_parts, dv_parts)) + (dbias,)
 
 
-def _sub_backward(opts, q, k, v, qpos, kpos, qseg, kseg, dout, lse, dsoft):
+def _sub_backward(opts, q, k, v, qpos, kpos, qseg, kseg, bias, dout, lse, dsoft):
     like = (q, k, qpos, kpos, dout)
 
     def run(_):
         grads = attention_ops.blockwise_grads(q, k, v, dout, lse, dsoft, opts.mask, q_positions_BQ=qpos,
                                               kv_positions_BK=kpos, q_segment_ids_BQ=qseg, kv_segment_ids_BK=kseg,
-                                              scale=opts.scale, block_size=opts.block_size)
-        return tuple(g + _zeros((), *like) for g in grads)
+                                              relative_bias_OH=bias, scale=opts.scale, block_size=opts.block_size)
+        return tuple(None if g is None else g + _zeros((), *like) for g in grads)
 
     def empty(_):
-        return _zeros(q.shape, *like), _zeros(k.shape, *like), _zeros(v.shape, *like)
+        return (_zeros(q.shape, *like), _zeros(k.shape, *like), _zeros(v.shape, *like),
+                None if bias is None else _zeros(bias.shape, bias, *like))
 
     if not opts.mask.hides_pairs(qseg is not None):
         return run(None)
