@@ -23,7 +23,7 @@ TOLERANCE = 0.05
 B, L = 4, 64
 SMALL = ["mesh.data=1", "model.d_model=128", "model.num_heads=2", "model.head_dim=64", "model.num_layers=1",
          f"data.seq_len={L}", f"data.global_batch_size={B}", "model.scan_layers=false",
-         "model.attention_kernel=reference"]
+         "model.attention_kernel=reference", "sample_tokens=0", "model.vocab_size=384"]
 
 
 def small(*overrides: str):
@@ -49,6 +49,10 @@ CASES = {  # overrides, executed - model FLOPs per token
                            moe_dispatch),
     # the reference kernel computes all L x L scores; model FLOPs count the window's w keys per query
     "sliding_window": (("model.sliding_window=16",), lambda m: 12 * m.num_heads * m.dim_per_head * (L - 16)),
+    # MLA: the kernel runs the values zero-padded to the q/k width 64 + 32; model FLOPs count (64 + 32) + 48
+    "mla_q_lora": (("model.num_kv_heads=0", "model.attention=mla", "model.kv_lora_rank=64", "model.q_lora_rank=48",
+                    "model.qk_nope_head_dim=64", "model.qk_rope_head_dim=32", "model.v_head_dim=48"),
+                   lambda m: 6 * m.num_heads * (2 * 96 - (96 + 48)) * L),
 }
 
 

@@ -204,6 +204,17 @@ VARIANTS = {
         dict(num_layers=3, scan_layers=False, attention_pattern="global,local", sliding_window=3, mlp_bias=True,
              attention_bias="all", moe=MoEConfig(num_experts=4, top_k=2, every_k_layers=1, router="mixtral",
                                                  dropless=True, num_shared_experts=1)), [9, 9], 10, 4, 3),
+    # multi-head latent attention: the cache holds only the latent and the RoPE key, queries absorb W_UK
+    "mla-q_lora-v_width6-ragged-blockwise": (
+        dict(attention="mla", kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+             attention_kernel="auto", attention_block_size=8), [7, 3], 17, 0, 0),
+    "mla-rope_linear-window4-chunked-unscanned": (
+        dict(attention="mla", kv_lora_rank=16, rope_scaling="linear", rope_scaling_factor=2.0, sliding_window=4,
+             scan_layers=False, attention_block_size=4), [12, 12], 12, 4, 3),
+    "mla-moe-shared-leftover-ragged": (
+        dict(attention="mla", kv_lora_rank=12, q_lora_rank=8, num_layers=3,
+             moe=MoEConfig(num_experts=4, top_k=2, every_k_layers=2, router="mixtral", dropless=True,
+                           num_shared_experts=1)), [9, 5], 15, 0, 0),
 }
 
 

@@ -121,12 +121,14 @@ def _resumable(path: tuple[str, ...]) -> bool:
 
 
 def config_differences(saved: dict, current: Config) -> list[str]:
-    """`field: saved X, current Y` for each field that must match to continue a run."""
+    """`field: saved X, current Y` for each field that must match to continue a run. A field the saved config
+    lacks (added to the library since) matches its default."""
     old = _flatten(saved)
     new = _flatten(json.loads(current.to_json()))
+    defaults = _flatten(json.loads(Config().to_json()))
     diffs = []
     for path in sorted(set(old) | set(new)):
-        if _resumable(path) or old.get(path) == new.get(path):
+        if _resumable(path) or old.get(path, defaults.get(path)) == new.get(path):
             continue
         diffs.append(f"{'.'.join(path)}: saved {old.get(path, '<absent>')!r}, current {new.get(path, '<absent>')!r}")
     return diffs

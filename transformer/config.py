@@ -51,6 +51,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
 ATTENTION_KERNELS = ("auto", "reference", "blockwise", "cudnn")
+ATTENTIONS = ("mha", "mla")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTERS = ("softmax_topk", "switch", "mixtral", "expert_choice", "sigmoid_bias")
@@ -144,6 +145,14 @@ class ModelConfig:
                                        "sliding_window, global ones attend to everything; '': every layer alike")
     attention_kernel: str = described("auto", f"{', '.join(ATTENTION_KERNELS)} (auto picks per platform and mask)")
     attention_block_size: int = described(512, "query/key tile of blockwise and ring attention")
+    attention: str = described("mha", f"{', '.join(ATTENTIONS)}: mha (MHA/GQA/MQA by num_kv_heads) or mla "
+                               "(DeepSeek-V2 multi-head latent attention, layers.latent_attention)")
+    kv_lora_rank: int = described(0, "mla: width d_c of the joint key/value latent (what the cache holds)")
+    q_lora_rank: int = described(0, "mla: width d_c' of the query latent; 0: full-rank queries")
+    qk_nope_head_dim: int = described(0, "mla: per-head query/key width without RoPE; 0: dim_per_head")
+    qk_rope_head_dim: int = described(0, "mla: width of the RoPE query/key part (the key part is shared by all "
+                                      "heads); 0: dim_per_head // 2")
+    v_head_dim: int = described(0, "mla: per-head value width; 0: dim_per_head")
     scan_layers: bool = described(True, "jax.lax.scan over stacked layers (false: unrolled, longer compile)")
     remat: str = described("none", f"activation recomputation in backward: {', '.join(REMAT_POLICIES)}")
     dtype: str = described("float32", f"compute dtype: {', '.join(DTYPES)}")
@@ -158,6 +167,23 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def nope_dim(self) -> int:
+        """mla: the per-head query/key width without RoPE."""
+        return self.qk_nope_head_dim or self.dim_per_head
+
+    @property
+    def rope_dim(self) -> int:
+        """The width RoPE rotates: the head width, or with mla the decoupled RoPE part."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim or self.dim_per_head // 2
+        return self.dim_per_head
+
+    @property
+    def value_dim(self) -> int:
+        """Per-head value width: the head width, or mla's v_head_dim."""
+        return (self.v_head_dim or self.dim_per_head) if self.attention == "mla" else self.dim_per_head
 
     @property
     def ffn_dim(self) -> int:
@@ -238,9 +264,35 @@ class ModelConfig:
             _check(self.rope_scaling_factor >= 1.0,
                    f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
         self._check_attention_pattern()
+        self._check_latent_attention()
         _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         self.moe.validate()
+
+    def _check_latent_attention(self) -> None:
+        _one_of("model.attention", self.attention, ATTENTIONS)
+        names = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in names:
+            _check(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0")
+        if self.attention != "mla":
+            for name in names:
+                _check(getattr(self, name) == 0, f"model.{name}={getattr(self, name)} is for model.attention='mla'; "
+                                                 f"set it to 0 or set model.attention='mla'")
+            return
+        _check(self.kv_lora_rank > 0, f"model.kv_lora_rank={self.kv_lora_rank} must be > 0 with model.attention='mla' "
+                                      "(the width of the cached key/value latent)")
+        _check(self.position == "rope", f"model.attention='mla' needs model.position='rope' (its decoupled RoPE key), "
+                                        f"not {self.position!r}")
+        _check(self.rope_dim % 2 == 0, f"model.qk_rope_head_dim={self.rope_dim} must be even (RoPE rotates pairs)")
+        _check(self.rope_scaling not in ("dynamic_ntk", "yarn"),
+               f"model.rope_scaling={self.rope_scaling!r} is not supported with model.attention='mla' (the cache keeps "
+               "rotated keys and the score scale is 1/sqrt(width)); use none, linear, ntk or llama3")
+        _check(self.num_kv_heads == 0, f"model.num_kv_heads={self.num_kv_heads} means nothing with "
+                                       "model.attention='mla' (keys/values come from one shared latent); set it to 0")
+        _check(self.attention_bias == "none", f"model.attention_bias={self.attention_bias!r} is not supported with "
+                                              "model.attention='mla'; set it to 'none'")
+        _check(self.architecture != "encoder_decoder", "model.attention='mla' is not supported with "
+                                                       "model.architecture='encoder_decoder' (cross-attention)")
 
     def _check_attention_pattern(self) -> None:
         kinds = self.attention_kinds
@@ -413,6 +465,42 @@ class CheckpointConfig:
         _check(self.keep_every >= 0, f"checkpoint.keep_every={self.keep_every} must be >= 0")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_GROUPS = {"mlp": ("gate", "up", "down"), "attention": ("q", "k", "v", "o")}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters y = x W + (alpha / rank) * dropout(x) A B on chosen projections, the base frozen."""
+
+    rank: int = described(0, "adapter rank r; 0: no adapters (full fine-tuning or pre-training)")
+    alpha: float = described(16.0, "adapters are scaled by alpha / rank")
+    targets: str = described("q,v", "projections to adapt, comma-separated: " + ", ".join(LORA_TARGETS)
+                             + "; mlp = gate,up,down; attention = q,k,v,o (dense MLPs and MoE shared experts; "
+                             "routed experts are not adapted)")
+    dropout: float = described(0.0, "dropout rate on the adapter input while training")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        """The adapted projections, groups expanded, in LORA_TARGETS order."""
+        names = set()
+        for part in (p.strip() for p in self.targets.split(",")):
+            names.update(LORA_GROUPS.get(part, (part,)) if part else ())
+        return tuple(name for name in LORA_TARGETS if name in names)
+
+    def validate(self) -> None:
+        _check(self.rank >= 0, f"lora.rank={self.rank} must be >= 0")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, f"lora.alpha={self.alpha} must be a finite number > 0")
+        _check(0 <= self.dropout < 1, f"lora.dropout={self.dropout} must be in [0, 1)")
+        valid = (*LORA_TARGETS, *LORA_GROUPS)
+        parts = [p.strip() for p in self.targets.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in valid]
+        if unknown:
+            raise ConfigError(f"lora.targets={self.targets!r}: {unknown[0]!r} is not a projection; choose from "
+                              f"{', '.join(valid)}")
+        _check(bool(parts), f"lora.targets={self.targets!r} names no projection; choose from {', '.join(valid)}")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = described(ModelConfig, "the network (model.*)")
@@ -420,6 +508,7 @@ class Config:
     data: DataConfig = described(DataConfig, "dataset and batch (data.*)")
     optim: OptimConfig = described(OptimConfig, "optimizer (optim.*)")
     checkpoint: CheckpointConfig = described(CheckpointConfig, "checkpoints (checkpoint.*)")
+    lora: LoRAConfig = described(LoRAConfig, "low-rank adapters on a frozen base (lora.*)")
     run_dir: str = described("runs/default", "directory of the run: config, checkpoints, logs; rerunning resumes")
     steps: int = described(1000, "optimizer steps")
     seed: int = described(0, "seed of parameter init, the training RNG and the end sample")
@@ -442,6 +531,10 @@ class Config:
         self.data.validate()
         self.optim.validate()
         self.checkpoint.validate()
+        self.lora.validate()
+        _check(self.lora.rank == 0 or bool(self.checkpoint.init_from),
+               f"lora.rank={self.lora.rank} needs checkpoint.init_from=<base run dir>: adapters fine-tune a trained "
+               "base, whose weights the run's checkpoints do not hold")
         _check(self.steps >= 0, f"steps={self.steps} must be >= 0")
         _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")

@@ -2,6 +2,7 @@
 
     python -m transformer.convert --from-hf DIR --run-dir RUN [a.b=value ...]
     python -m transformer.convert --to-hf RUN --out DIR [--dtype bfloat16] [--max-shard-gb 5]
+    python -m transformer.convert --merge RUN --out NEW_RUN
 
 --from-hf reads DIR's config.json and safetensors (one file or shards with model.safetensors.index.json),
 maps the config (transformer.hf.configs: Llama, Mistral, Mixtral, Qwen2, GPT-2; anything the library cannot
@@ -20,11 +21,17 @@ checkpoint.init_from=RUN run_dir=NEW ...` (a new run dir: RUN holds no optimizer
 --to-hf writes the run's newest checkpoint as a folder `transformers` loads (`from_pretrained(DIR)`), in the
 dtype of the imported checkpoint (else float32) unless --dtype says otherwise. RUN and DIR must be new or
 empty directories: nothing is overwritten.
+
+--merge reads a LoRA run (lora.rank > 0: its base from checkpoint.init_from, its adapters from its newest
+checkpoint), folds alpha / r * A B into the base weights and writes NEW_RUN like a converted run (config.json
+without lora.*, a params-only checkpoint at step 0, the base's hf/ folder when it has one), for evaluate, generate
+and --to-hf.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -35,10 +42,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import distributed, sharding
-from transformer.checkpoint import Checkpointer
-from transformer.config import (DTYPES, Config, ConfigError, DataConfig, ModelConfig, apply_overrides,
-                                print_help_if_asked)
+from transformer import distributed, lora, sharding
+from transformer.checkpoint import CONFIG_FILE, Checkpointer, restore_params
+from transformer.config import (DTYPES, CheckpointConfig, Config, ConfigError, DataConfig, LoRAConfig, MeshConfig,
+                                ModelConfig, apply_overrides, print_help_if_asked)
 from transformer.hf import configs, folder as hf_folder, weights
 from transformer.model import build_model
 
@@ -51,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-hf", metavar="DIR", help="Hugging Face model folder to import")
     parser.add_argument("--run-dir", metavar="RUN", help="new run directory to write (with --from-hf)")
     parser.add_argument("--to-hf", metavar="RUN", help="run directory to export")
-    parser.add_argument("--out", metavar="DIR", help="new Hugging Face folder to write (with --to-hf)")
+    parser.add_argument("--merge", metavar="RUN", help="LoRA run directory whose adapters to fold into its base")
+    parser.add_argument("--out", metavar="DIR", help="new Hugging Face folder (--to-hf) or run directory (--merge)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="exported tensor dtype")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest exported safetensors file")
     return parser
@@ -119,6 +127,47 @@ def export_hf(run_dir: str | Path, out: str | Path, *, dtype: str | None = None,
                                   side_files_from=run_dir / HF_DIR if saved else None)
 
 
+def adapted_model(run_dir: str | Path, mesh) -> tuple[Config, nnx.Module]:
+    """(config, model with its adapters) of the LoRA run `run_dir`: the base params from its
+    checkpoint.init_from, the adapters (and the other non-base state) from its newest checkpoint."""
+    config_path = Path(run_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConfigError(f"--merge {str(run_dir)!r} has no {CONFIG_FILE}; give the directory of a LoRA run")
+    cfg = Config.from_dict(json.loads(config_path.read_text())).validate()
+    if not cfg.lora.rank:
+        raise ConfigError(f"--merge {str(run_dir)!r} is not a LoRA run (lora.rank=0): it has no adapters to merge")
+    with sharding.use_mesh(mesh):
+        def build():
+            model = build_model(cfg.model, rngs=nnx.Rngs(0))
+            lora.add_adapters(model, cfg.lora, jax.random.key(0))
+            return model
+        graphdef, abstract = nnx.split(nnx.eval_shape(build))
+        shardings = sharding.state_shardings(abstract, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        base = restore_params(cfg.checkpoint.init_from, nnx.filter_state(abstract, lora.BASE))
+        adapters = restore_params(str(run_dir), lora.without_base(abstract))
+    return cfg, nnx.merge(graphdef, nnx.merge_state(base, adapters))
+
+
+def merge_lora(run_dir: str | Path, out: str | Path) -> Config:
+    """Write the LoRA run `run_dir` with its adapters folded into the base as the new run `out` (module doc)."""
+    out = Path(out)
+    hf_folder.check_new_dir(out, "--out")
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    cfg, model = adapted_model(run_dir, mesh)
+    merged = lora.merge_adapters(model)
+    new = dataclasses.replace(cfg, run_dir=str(out), lora=LoRAConfig(), checkpoint=CheckpointConfig()).validate()
+    with sharding.use_mesh(mesh), Checkpointer(str(out), new.checkpoint, config=new) as ckpt:
+        ckpt.maybe_save(0, {"model": nnx.to_pure_dict(nnx.state(model))}, force=True)
+        ckpt.wait_until_finished()
+    base_hf = Path(cfg.checkpoint.init_from) / HF_DIR
+    if jax.process_index() == 0:
+        if base_hf.is_dir():
+            shutil.copytree(base_hf, out / HF_DIR)
+        print(f"merged {merged} adapters of {run_dir} into {out}")
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
@@ -129,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in rest if a.startswith("-") or "=" not in a]
         if unknown:
             raise ConfigError(f"unknown argument {unknown[0]!r}; see --help")
-        if bool(args.from_hf) == bool(args.to_hf):
-            raise ConfigError("give exactly one of --from-hf DIR (with --run-dir RUN) or --to-hf RUN (with --out DIR)")
+        if sum(map(bool, (args.from_hf, args.to_hf, args.merge))) != 1:
+            raise ConfigError("give exactly one of --from-hf DIR (with --run-dir RUN), --to-hf RUN (with --out DIR) "
+                              "or --merge RUN (with --out NEW_RUN)")
         distributed.initialize()
-        if args.from_hf:
+        if args.merge:
+            if not args.out or rest:
+                raise ConfigError("--merge RUN needs --out NEW_RUN, the new run directory to write, and nothing else")
+            merge_lora(args.merge, args.out)
+        elif args.from_hf:
             if not args.run_dir:
                 raise ConfigError("--from-hf needs --run-dir RUN, the new run directory to write")
             import_hf(args.from_hf, args.run_dir, rest)

@@ -20,7 +20,8 @@ Figures:
 - training FLOPs per token at data.seq_len (`model.flops_per_token`: 6 x matmul weights + attention; an
   encoder-decoder's per target token, with data.seq_len source tokens and its resolved data.target_len);
 - KV-cache bytes per token of context (`inference.cache.bytes_per_token`: K and V of every kv head of every
-  layer in model.dtype, plus the slot's int32 position), and the cache of `batch` rows of `context` tokens
+  layer in model.dtype, or with model.attention='mla' the latent and RoPE key, compared with MHA and GQA of
+  the same heads; plus the slot's int32 position), and the cache of `batch` rows of `context` tokens
   (`cache_bytes`; with a sliding window the ring buffer holds min(context, window) slots). The cache's arrays
   are also laid out abstractly (`cache_specs`) and their bytes must equal the formula.
 
@@ -247,11 +248,35 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _cache_entry(m) -> str:
+    if m.attention == "mla":
+        return (f"latent {m.kv_lora_rank} + RoPE key {m.rope_dim} of {m.num_layers} layers in {m.dtype}, "
+                "the paper's (d_c + d_R) l")
+    return f"K and V of {m.num_layers} layers x {m.kv_heads} kv heads x {m.dim_per_head} in {m.dtype}"
+
+
+def _latent_compression(m) -> list[str]:
+    """MLA's cache against MHA (2 n_h d_h l) and GQA (2 n_g d_h l) with d_h = qk_nope_head_dim."""
+    if m.attention != "mla":
+        return []
+    import jax.numpy as jnp
+
+    from transformer.inference.cache import kv_bytes_per_token
+
+    latent = kv_bytes_per_token(m)
+    per_kv_head = 2 * m.nope_dim * m.num_layers * jnp.dtype(m.dtype).itemsize
+    return [f"  vs MHA / GQA:           MHA's {m.num_heads * per_kv_head:,} B is "
+            f"{m.num_heads * per_kv_head / latent:.3g}x this; it equals GQA with {latent / per_kv_head:.3g} kv "
+            f"groups of width {m.nope_dim}"]
+
+
 def format_report(cfg: Config, r: Report) -> str:
     m = cfg.model
-    shape = (f"{m.architecture}, {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads / {m.kv_heads} kv "
-             f"heads of width {m.dim_per_head}, d_ff {m.ffn_dim}, vocab {m.vocab_size}, {m.dtype} compute, "
-             f"{m.param_dtype} params")
+    heads = (f"{m.num_heads} heads / {m.kv_heads} kv heads of width {m.dim_per_head}" if m.attention != "mla" else
+             f"MLA: {m.num_heads} heads, q/k width {m.nope_dim} + RoPE {m.rope_dim}, v width {m.value_dim}, "
+             f"kv latent {m.kv_lora_rank}, q latent {m.q_lora_rank or 'none'}")
+    shape = (f"{m.architecture}, {m.num_layers} layers, d_model {m.d_model}, {heads}, d_ff {m.ffn_dim}, "
+             f"vocab {m.vocab_size}, {m.dtype} compute, {m.param_dtype} params")
     lines = [
         f"model:                    {shape}",
         f"parameters:               {r.params:,} ({human_count(r.params)}; {human_bytes(r.param_bytes)} "
@@ -266,8 +291,9 @@ def format_report(cfg: Config, r: Report) -> str:
     if "global" in m.attention_kinds:
         window = f", attention_pattern {m.attention_pattern!r}: its global layers need every slot"
     lines += [
-        f"KV cache per token:       {r.bytes_per_token:,} B ({human_bytes(r.bytes_per_token)}: K and V of "
-        f"{m.num_layers} layers x {m.kv_heads} kv heads x {m.dim_per_head} in {m.dtype}, + 4 B slot position)",
+        f"KV cache per token:       {r.bytes_per_token:,} B ({human_bytes(r.bytes_per_token)}: {_cache_entry(m)}, "
+        "+ 4 B slot position)",
+        *_latent_compression(m),
         f"KV cache:                 {r.cache_bytes:,} B ({human_bytes(r.cache_bytes)}) for batch={r.batch} x "
         f"context={r.context:,} tokens ({r.slots:,} slots per row{window})"
         + (f" + cross-attention K/V of {r.source:,} source tokens" if r.source else ""),

@@ -29,6 +29,7 @@ from flax import nnx
 from transformer import sharding
 from transformer.config import ARCHITECTURES, REMAT_POLICIES, ConfigError, ModelConfig
 from transformer.inference.cache import KV, KVCache, plan_write
+from transformer.layers import latent_attention
 from transformer.layers.block import LayerGroup
 from transformer.layers.embed import Embed, check_tokens
 from transformer.layers.moe import expert_capacity
@@ -346,7 +347,7 @@ def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool, experts: f
     """Matmul weights one token passes through in one layer; an MoE layer counts its router, `experts`
     routed experts and the shared experts."""
     D, H, G, W = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-    attention = 2 * D * H * W + 2 * D * G * W
+    attention = latent_attention.matmul_params(cfg) if cfg.attention == "mla" else 2 * D * H * W + 2 * D * G * W
     matrices = 3 if cfg.activation == "swiglu" else 2
     if moe:
         F = cfg.moe.d_ff_expert or cfg.ffn_dim
@@ -391,10 +392,20 @@ def _keys_per_query(cfg: ModelConfig, num_layers: int, length: int, causal: bool
     return total
 
 
+def _score_and_value_width(cfg: ModelConfig, executed: bool) -> int:
+    """Per-head width of the q.k product plus that of the weighted sum of values: 2 W, or with MLA
+    (N + R) + V (executed: the kernel runs both at max(N + R, V), see `LatentAttention._attend`)."""
+    if cfg.attention != "mla":
+        return 2 * cfg.dim_per_head
+    qk, v = cfg.nope_dim + cfg.rope_dim, cfg.value_dim
+    return 2 * max(qk, v) if executed else qk + v
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, target_len: int | None = None,
                     executed: bool = False) -> float:
     """Training (forward + backward) FLOPs per target token of seq_len-token rows: 6 x the matmul weights a
-    token passes through + 12 x heads x head width x the keys each query attends to, per attention layer.
+    token passes through + 12 x heads x head width x the keys each query attends to, per attention layer (MLA:
+    6 x heads x (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) x the keys).
 
     Model FLOPs (default; the MFU numerator, PaLM style): MoE layers count the router, the top_k routed
     experts (expert choice: its E C / L filled slots) and the shared experts. A query attends to seq_len
@@ -417,7 +428,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, target_len: int | None = 
         if length < 1:
             raise ValueError(f"{name}={length} must be >= 1")
     experts, dispatch = _moe_work(cfg, target_len, executed=executed)
-    per_key = 12 * cfg.num_heads * cfg.dim_per_head
+    per_key = 6 * cfg.num_heads * _score_and_value_width(cfg, executed)
     if cfg.architecture == "encoder_decoder":
         share = seq_len / target_len  # source tokens per decoder token
         source_experts, source_dispatch = _moe_work(cfg, seq_len, executed=executed)

@@ -44,6 +44,9 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
         if not config_path.exists():
             raise ValueError(f"run_dir={str(source)!r} has no {CONFIG_FILE}; give the directory of a training run")
         cfg = Config.from_dict(json.loads(config_path.read_text()))
+        if cfg.lora.rank:
+            raise ConfigError(f"run_dir={str(source)!r} is a LoRA run, whose checkpoints hold adapters only; merge "
+                              f"them into the base first: python -m transformer.convert --merge {source} --out NEW_RUN")
         saved = None
     elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Config):
         cfg, saved = source

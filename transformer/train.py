@@ -27,6 +27,10 @@ Each micro-batch forward updates the MoE router biases (router='sigmoid_bias'). 
 accuracy of the scored tokens (argmax == target); held-out eval reports eval_loss, eval_perplexity and
 eval_accuracy (next-token accuracy for a decoder, masked-token accuracy for an encoder).
 
+LoRA (lora.rank > 0, `transformer.lora`): adapters on the base loaded from checkpoint.init_from; only they are
+differentiated and have optimizer state, checkpoints hold all but the frozen base, and train prints
+"trainable params: N of M (x%)" (the summary's trainable_params and params).
+
 Loop: step N + 1 is dispatched before step N's metrics are read, so the device queue never
 runs dry while the host logs; the NaN guard, logging, eval and checkpoint decisions run one
 step behind, with the same results as reading every step at once (synchronous=true).
@@ -50,7 +54,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
-from transformer import distributed, sharding
+from transformer import distributed, lora, sharding
 from transformer.checkpoint import Checkpointer, PreemptionGuard, SaveError, restore_params
 from transformer.config import Config, ConfigError, OptimConfig, config_from_args, print_help_if_asked
 from transformer.data import Dataset, make_dataset, objectives
@@ -99,7 +103,7 @@ def decays(variable: nnx.Variable) -> bool:
 
 def make_optimizer(cfg: Config, model: nnx.Module) -> optax.GradientTransformation:
     optim = cfg.optim
-    flags = [decays(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param),
+    flags = [decays(v) for v in jax.tree.leaves(nnx.state(model, lora.trainable(cfg.lora)),
                                                  is_leaf=lambda x: isinstance(x, nnx.Variable))]
     mask = lambda params: jax.tree.unflatten(jax.tree.structure(params), flags)
     adamw = optax.adamw(lr_schedule(optim, cfg.steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -109,11 +113,14 @@ def make_optimizer(cfg: Config, model: nnx.Module) -> optax.GradientTransformati
 
 class TrainState(nnx.Module):
     """Everything a step reads and writes: the model, its optimizer and an RNG stream (checkpointed
-    with the rest, so stochastic layers resume exactly)."""
+    with the rest, so stochastic layers resume exactly). With lora.rank > 0 the model carries adapters
+    (`transformer.lora`) and the optimizer holds state for them only."""
 
     def __init__(self, cfg: Config):
         self.model = build_model(cfg.model, rngs=nnx.Rngs(cfg.seed))
-        self.optimizer = nnx.Optimizer(self.model, make_optimizer(cfg, self.model), wrt=nnx.Param)
+        if cfg.lora.rank:
+            lora.add_adapters(self.model, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 2))
+        self.optimizer = nnx.Optimizer(self.model, make_optimizer(cfg, self.model), wrt=lora.trainable(cfg.lora))
         self.rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(cfg.seed), 1))
 
 
@@ -130,8 +137,16 @@ def init_train_state(cfg: Config, shardings) -> nnx.State:
     return jax.jit(lambda: nnx.split(TrainState(cfg))[1], out_shardings=shardings)()
 
 
+def checkpointed(cfg: Config, state: nnx.State) -> nnx.State:
+    """The part of the train state a checkpoint holds: all of it, or for a LoRA run all but the frozen base."""
+    return lora.without_base(state) if cfg.lora.rank else state
+
+
 def load_or_init(cfg: Config, graphdef, abstract, shardings, ckpt: Checkpointer) -> tuple[nnx.State, int, str]:
-    """(state, step, origin): newest checkpoint of the run > checkpoint.init_from (params only) > scratch."""
+    """(state, step, origin): newest checkpoint of the run > checkpoint.init_from (params only) > scratch. A LoRA
+    run takes its base params from init_from and the rest from its newest checkpoint, when it has one."""
+    if cfg.lora.rank:
+        return _load_or_init_lora(cfg, graphdef, abstract, shardings, ckpt)
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         state, step = restored
@@ -143,6 +158,17 @@ def load_or_init(cfg: Config, graphdef, abstract, shardings, ckpt: Checkpointer)
     train_state = nnx.merge(graphdef, state)
     nnx.update(train_state.model, params)
     return nnx.state(train_state), 0, "init_from"
+
+
+def _load_or_init_lora(cfg: Config, graphdef, abstract, shardings, ckpt: Checkpointer):
+    restored = ckpt.restore_latest(checkpointed(cfg, abstract))
+    train_state = nnx.merge(graphdef, init_train_state(cfg, shardings))
+    nnx.update(train_state.model, restore_params(cfg.checkpoint.init_from,
+                                                 nnx.filter_state(abstract["model"], lora.BASE)))
+    if restored is None:
+        return nnx.state(train_state), 0, "init_from"
+    nnx.update(train_state, restored[0])
+    return nnx.state(train_state), restored[1], "checkpoint"
 
 
 # ---------------------------------------------------------------- steps
@@ -161,18 +187,20 @@ def make_train_step(cfg: Config):
     """`train_step(graphdef, state, batch) -> (state, metrics)`, pure; jit it with graphdef static."""
     accum, z_coef = cfg.optim.grad_accum_steps, cfg.optim.z_loss
     schedule = lr_schedule(cfg.optim, cfg.steps)
+    trained = lora.trainable(cfg.lora)
 
     def train_step(graphdef, state, batch):
         train_state = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(train_state.model, nnx.Param, ...)
+        model_def, params, rest = nnx.split(train_state.model, trained, ...)
         num_tokens = jnp.maximum(jnp.sum(batch["loss_mask_BL"]), 1.0)
 
         def grads_of(micro, rest):
             def loss_fn(params):
                 model = nnx.merge(model_def, params, rest, copy=True)
+                lora.set_training(model, True)
                 sums, aux = loss_sums(model, micro, loss_chunk_size=cfg.loss_chunk_size, update_router_bias=True)
                 loss = (sums["ce"] + z_coef * sums["z"]) / num_tokens + aux["aux_loss"] / accum
-                return loss, (sums, aux, nnx.split(model, nnx.Param, ...)[2])
+                return loss, (sums, aux, nnx.split(model, trained, ...)[2])
 
             (_, (sums, aux, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return grads, rest, sums, aux
@@ -441,7 +469,7 @@ class Loop:
         self.bar.set_postfix(_postfix(record | self.shown), refresh=False)
         if state is not None:
             with self.times.part("checkpoint"):
-                self.ckpt.maybe_save(step, state, force=force_save)
+                self.ckpt.maybe_save(step, checkpointed(cfg, state), force=force_save)
 
     def log(self, step: int, record: dict) -> None:
         """Write `record` with the step-time breakdown and throughput since the last log (and, in a session's first
@@ -474,6 +502,10 @@ def train(cfg: Config) -> dict:
 
     with sharding.use_mesh(mesh):
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)
+        counts = dict(zip(("trainable_params", "params"), lora.parameter_counts(abstract["model"], cfg.lora)))
+        if cfg.lora.rank and jax.process_index() == 0:
+            print(f"trainable params: {counts['trainable_params']:,} of {counts['params']:,} "
+                  f"({100 * counts['trainable_params'] / counts['params']:.3f}%)", flush=True)
         ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, config=cfg)
         try:
             state, step, origin = load_or_init(cfg, graphdef, abstract, shardings, ckpt)
@@ -482,10 +514,10 @@ def train(cfg: Config) -> dict:
                 state, step = loop.run(state, step)
             finally:
                 loop.close()
-            ckpt.maybe_save(step, state, force=True)
+            ckpt.maybe_save(step, checkpointed(cfg, state), force=True)
         finally:
             ckpt.close()
-    summary = loop.summary | {"step": step, "compilation_cache_dir": cache_dir}
+    summary = loop.summary | {"step": step, "compilation_cache_dir": cache_dir, **counts}
     summary["loss"] = summary["losses"][-1] if summary["losses"] else None
     return summary
 

@@ -20,7 +20,9 @@ from transformer.config import ConfigError, ModelConfig, MoEConfig
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 NOT_YET = {  # families whose options the library does not have yet
-    "deepseek_v2": "multi-head latent attention (MLA)",
+    "deepseek_v2": ("multi-head latent attention weights mapped onto model.attention='mla' (the layer exists) with "
+                    "DeepSeek's MoE layout (first_k_dense_replace, group-limited routing), YaRN mscale and "
+                    "interleaved RoPE"),
 }
 _ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
 _UNSUPPORTED_IF_TRUE = ("use_qk_norm", "qk_layernorm")
@@ -168,7 +170,7 @@ def family(cfg: ModelConfig) -> str:
     """The HF model_type that computes `cfg` (ConfigError naming the field otherwise)."""
     from transformer.layers.embed import embed_multiplier
 
-    _require(cfg, "an HF family", architecture="decoder", norm_position="pre")
+    _require(cfg, "an HF family", architecture="decoder", norm_position="pre", attention="mha")
     if embed_multiplier(cfg) != 1.0:
         raise ConfigError(f"model.embed_scale={cfg.embed_scale!r} scales the token embedding; the HF families "
                           "need 'none'")

@@ -2,10 +2,11 @@
 
     KVCache(k_NBKGW, v_NBKGW, positions_BK, lengths_B, cross_k_NBSGW, cross_v_NBSGW, source_valid_BS)
 
-K slots per row hold the G key/value heads of every layer (MQA/GQA keys are never repeated). A slot
-records the position of the token it holds in `positions_BK` (`EMPTY` for none), and attention masks
-by those positions through the layer's `AttentionMask`, so empty slots, padding and a sliding window's
-ring buffer need no other mask code. A token at position p goes to slot p mod K: with K >= the longest
+K slots per row hold the G key/value heads of every layer (MQA/GQA keys are never repeated); with
+multi-head latent attention (`layers.latent_attention`) they hold one latent of width kv_lora_rank +
+qk_rope_head_dim and the value array is empty. A slot records the position of the token it holds in
+`positions_BK` (`EMPTY` for none), and attention masks by those positions through the layer's
+`AttentionMask`, so empty slots, padding and a sliding window's ring buffer need no other mask code. A token at position p goes to slot p mod K: with K >= the longest
 sequence that is the plain cache, with K = window (+ extra slots) it is a ring buffer whose memory is
 bounded however long generation runs. Keys are stored after RoPE, except with dynamic NTK scaling,
 whose frequencies change with the current length: then the cache keeps them unrotated and attention
@@ -88,10 +89,24 @@ def num_slots(cfg: ModelConfig, max_len: int, extra_slots: int = 0) -> int:
     return max_len
 
 
+def cache_heads(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(G, key width, value width) of a layer's cache entry per token: the kv heads of K and V, or for
+    model.attention='mla' one latent of width kv_lora_rank + qk_rope_head_dim and no separate V (width 0)."""
+    if cfg.attention == "mla":
+        return 1, cfg.kv_lora_rank + cfg.rope_dim, 0
+    return cfg.kv_heads, cfg.dim_per_head, cfg.dim_per_head
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    """Key/value bytes one token of context costs over every decoder layer, in the compute dtype: MHA/GQA
+    2 G W N, MLA (kv_lora_rank + qk_rope_head_dim) N (the DeepSeek-V2 paper's (d_c + d_R) l)."""
+    G, k_width, v_width = cache_heads(cfg)
+    return cfg.num_layers * G * (k_width + v_width) * jnp.dtype(cfg.dtype).itemsize
+
+
 def bytes_per_token(cfg: ModelConfig) -> int:
-    """Cache bytes one token of context costs: K and V of every kv head of every decoder layer, in the
-    compute dtype, plus its slot's int32 position."""
-    return 2 * cfg.num_layers * cfg.kv_heads * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize + 4
+    """Cache bytes one token of context costs: `kv_bytes_per_token` plus its slot's int32 position."""
+    return kv_bytes_per_token(cfg) + 4
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, *, extra_slots: int = 0, source_len: int = 0) -> int:
@@ -112,7 +127,9 @@ def cache_specs(cfg: ModelConfig, batch: int, max_len: int, *, extra_slots: int 
     spec = jax.ShapeDtypeStruct
     cross = (spec((N, batch, source_len, G, W), dtype),) * 2 + (spec((batch, source_len), jnp.bool_),) \
         if source_len else (None, None, None)
-    return KVCache(spec((N, batch, K, G, W), dtype), spec((N, batch, K, G, W), dtype),
+    cached_heads, k_width, v_width = cache_heads(cfg)
+    return KVCache(spec((N, batch, K, cached_heads, k_width), dtype),
+                   spec((N, batch, K, cached_heads, v_width), dtype),
                    spec((batch, K), jnp.int32), spec((batch,), jnp.int32), *cross)
 
 

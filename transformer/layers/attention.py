@@ -42,7 +42,7 @@ _KV_AXES = ("batch", "length", "kv_heads", None)
 def rope_tables(cfg: ModelConfig, seq_len: int):
     """(inv_freq, mscale) for cfg's RoPE; dynamic NTK grows with the current `seq_len`."""
     return pos_ops.rope_inv_freq(
-        cfg.dim_per_head, theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
+        cfg.rope_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
         original_max_len=cfg.max_seq_len, seq_len=seq_len, beta_fast=cfg.yarn_beta_fast,
         beta_slow=cfg.yarn_beta_slow, low_freq_factor=cfg.llama3_low_freq_factor,
         high_freq_factor=cfg.llama3_high_freq_factor)
@@ -52,7 +52,7 @@ def rope_frequencies(cfg: ModelConfig, lengths_B: jax.Array):
     """(inv_freq, mscale) for rows whose current lengths are lengths_B: (J,) frequencies, or (B, J) for
     dynamic NTK, whose frequencies grow with each row's length."""
     if cfg.rope_scaling == "dynamic_ntk":
-        return pos_ops.dynamic_ntk_inv_freq_BJ(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling_factor,
+        return pos_ops.dynamic_ntk_inv_freq_BJ(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling_factor,
                                                cfg.max_seq_len, lengths_B), 1.0
     return rope_tables(cfg, int(cfg.max_seq_len))
 
@@ -70,12 +70,14 @@ def attention_mask(cfg: ModelConfig, *, causal: bool, cross: bool = False, layer
                          relative_buckets=buckets)
 
 
-def attend(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, cfg: ModelConfig, **tokens) -> jax.Array:
+def attend(q_BQHW, k_BKGW, v_BKGW, mask: AttentionMask, cfg: ModelConfig, *, scale: float | None = None,
+           **tokens) -> jax.Array:
     """Attention with cfg's kernel choice: Ring Attention when the current mesh splits `sequence`, else
     `ops.attention`. `tokens`: q_positions_BQ, kv_positions_BK, q_segment_ids_BQ, kv_segment_ids_BK and
-    relative_bias_OH."""
+    relative_bias_OH; scale defaults to 1/sqrt(model.dim_per_head)."""
     mesh = sharding.current_mesh()
-    kernel = dict(scale=1.0 / math.sqrt(cfg.dim_per_head), implementation=cfg.attention_kernel,
+    scale = 1.0 / math.sqrt(cfg.dim_per_head) if scale is None else scale
+    kernel = dict(scale=scale, implementation=cfg.attention_kernel,
                   block_size=cfg.attention_block_size)
     if attention_ops.ring_size(mesh) > 1:
         return ring_attention_sharded(q_BQHW, k_BKGW, v_BKGW, mask, mesh, **tokens, **kernel)
@@ -146,15 +148,17 @@ class Attention(nnx.Module):
         return self._output(attend(q_BLHW, k_BSGW, v_BSGW, self.mask, cfg, **tokens))
 
     def _queries(self, x_BLD):
-        return sharding.constrain(project("BLD,DHW->BLHW", x_BLD, self.q_DHW, self.q_bias, self.dtype), _Q_AXES)
+        return sharding.constrain(project("BLD,DHW->BLHW", x_BLD, self.q_DHW, self.q_bias, self.dtype,
+                                          getattr(self, "q_lora", None)), _Q_AXES)
 
     def _keys_values(self, source_BSD):
-        return tuple(sharding.constrain(project("BSD,DGW->BSGW", source_BSD, w, b, self.dtype), _KV_AXES)
-                     for w, b in ((self.k_DGW, self.k_bias), (self.v_DGW, self.v_bias)))
+        return tuple(sharding.constrain(project("BSD,DGW->BSGW", source_BSD, w, b, self.dtype, lora), _KV_AXES)
+                     for w, b, lora in ((self.k_DGW, self.k_bias, getattr(self, "k_lora", None)),
+                                        (self.v_DGW, self.v_bias, getattr(self, "v_lora", None))))
 
     def _output(self, out_BLHW):
         out_BLHW = sharding.constrain(out_BLHW, _Q_AXES)
-        y_BLD = project("BLHW,HWD->BLD", out_BLHW, self.o_HWD, self.o_bias, self.dtype)
+        y_BLD = project("BLHW,HWD->BLD", out_BLHW, self.o_HWD, self.o_bias, self.dtype, getattr(self, "o_lora", None))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
 
     def extend(self, x_BLD: jax.Array, kv, layer, write, *, fresh: bool, relative_bias_OH=None):

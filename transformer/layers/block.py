@@ -15,6 +15,7 @@ from flax import nnx
 from transformer import sharding
 from transformer.config import ModelConfig
 from transformer.layers.attention import Attention
+from transformer.layers.latent_attention import LatentAttention
 from transformer.layers.mlp import MLP
 from transformer.layers.norms import make_norm
 
@@ -33,7 +34,8 @@ class Block(nnx.Module):
                  rngs: nnx.Rngs):
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, num_layers=num_layers, causal=causal, layer=layer, rngs=rngs)
+        self_attention = LatentAttention if cfg.attention == "mla" else Attention
+        self.attn = self_attention(cfg, num_layers=num_layers, causal=causal, layer=layer, rngs=rngs)
         self.cross_norm = make_norm(cfg) if cross else None
         self.cross_attn = Attention(cfg, num_layers=num_layers, cross=True, rngs=rngs) if cross else None
         self.ffn_norm = make_norm(cfg)

@@ -57,9 +57,10 @@ class MLP(nnx.Module):
         self.down_bias = bias_param(cfg.mlp_bias, D, "embed", param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        gate = None if self.gate_DF is None else (self.gate_DF, self.gate_bias)
-        h_BLF = ffn_hidden(x_BLD, (self.up_DF, self.up_bias), gate, self.activation,
-                           lambda x_BLD, w: project("BLD,DF->BLF", x_BLD, *w, self.dtype))
+        lora = lambda name: getattr(self, f"{name}_lora", None)
+        gate = None if self.gate_DF is None else (self.gate_DF, self.gate_bias, lora("gate"))
+        h_BLF = ffn_hidden(x_BLD, (self.up_DF, self.up_bias, lora("up")), gate, self.activation,
+                           lambda x_BLD, w: project("BLD,DF->BLF", x_BLD, w[0], w[1], self.dtype, w[2]))
         h_BLF = sharding.constrain(h_BLF, ("batch", "length", "mlp"))
-        y_BLD = project("BLF,FD->BLD", h_BLF, self.down_FD, self.down_bias, self.dtype)
+        y_BLD = project("BLF,FD->BLD", h_BLF, self.down_FD, self.down_bias, self.dtype, lora("down"))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))

@@ -17,10 +17,12 @@ def bias_param(enabled: bool, size: int, axis: str | None, param_dtype) -> nnx.P
     return nnx.Param(jnp.zeros((size,), param_dtype), logical_axes=(axis,)) if enabled else None
 
 
-def project(spec: str, x: jax.Array, weight: nnx.Param, bias: nnx.Param | None, dtype) -> jax.Array:
+def project(spec: str, x: jax.Array, weight: nnx.Param, bias: nnx.Param | None, dtype, adapter=None) -> jax.Array:
     """einsum(spec, x, weight) in `dtype`, plus `bias` shaped like the output's trailing axes that x lacks
-    (spec "BLD,DHW->BLHW": a bias of H W values)."""
+    (spec "BLD,DHW->BLHW": a bias of H W values), plus a LoRA `adapter`'s term (`transformer.lora`)."""
     y = jnp.einsum(spec, x.astype(dtype), weight[...].astype(dtype))
+    if adapter is not None:
+        y = y + adapter(spec, x.astype(dtype), dtype)
     if bias is None:
         return y
     inputs, output = spec.split("->")

@@ -1,0 +1,157 @@
+"""Low-rank adapters (LoRA) on a frozen base: y = x W (+ b) + (alpha / r) * dropout(x) A B.
+
+`add_adapters` attaches a `LoRA` module `<name>_lora` next to each chosen projection weight (attention q, k, v, o;
+MLP and MoE shared-expert gate, up, down; routed experts are not adapted) of a built model; `project` adds its
+output. A starts normal with std 1 / sqrt(fan-in) and B at zero, so at init the model is the base model exactly.
+Adapter weights are `LoRAParam`s (an nnx.Param subclass) with the logical axes of their projection (the input
+axes and a replicated rank axis for A, the rank and the output axes for B; a scanned stack's "layers" axis first),
+so they shard like it. Training differentiates and optimizes `LoRAParam`s only (`trainable`); the base params are
+in the state but frozen, and a LoRA run's checkpoints hold everything but them (`without_base`).
+
+Dropout (lora.dropout) masks the adapter input while training (`set_training`): each adapter holds its own RNG key
+(a `LoRADropoutKey` variable, per layer when scanned), split at every training forward and carried in the
+checkpointed state, so a resumed run draws the same masks. `merge_adapters` folds alpha / r * A B into the base
+weights and removes the adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer.config import ConfigError, LoRAConfig
+
+# projection name -> weight attribute, per module kind (class name): the weights `project` is called with
+WEIGHTS = {
+    "Attention": {"q": "q_DHW", "k": "k_DGW", "v": "v_DGW", "o": "o_HWD"},
+    "MLP": {"gate": "gate_DF", "up": "up_DF", "down": "down_FD"},
+    "MoE": {"gate": "shared_gate", "up": "shared_up", "down": "shared_down"},
+}
+INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}  # leading weight axes x contracts
+
+
+class LoRAParam(nnx.Param):
+    """An adapter weight (A or B): the only params a LoRA run trains."""
+
+
+class LoRADropoutKey(nnx.Variable):
+    """Raw key data of an adapter's dropout RNG; split at each training forward."""
+
+
+BASE = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+
+
+class LoRA(nnx.Module):
+    """alpha / rank * dropout(x) A B for a projection with `input_shape` contracted and `output_shape` produced;
+    `stack`: leading stacked-layer dims of the weight (with their logical axes `stack_axes`)."""
+
+    def __init__(self, cfg: LoRAConfig, *, stack: tuple[int, ...], input_shape: tuple[int, ...],
+                 output_shape: tuple[int, ...], input_axes: tuple, output_axes: tuple, stack_axes: tuple,
+                 param_dtype, key: jax.Array):
+        init_key, dropout_key = jax.random.split(key)
+        fan_in = math.prod(input_shape)
+        a = jax.random.normal(init_key, (*stack, *input_shape, cfg.rank), param_dtype) / math.sqrt(fan_in)
+        self.a = LoRAParam(a, logical_axes=(*stack_axes, *input_axes, None))
+        self.b = LoRAParam(jnp.zeros((*stack, cfg.rank, *output_shape), param_dtype),
+                           logical_axes=(*stack_axes, None, *output_axes))
+        self.scale = cfg.alpha / cfg.rank
+        self.rate = cfg.dropout
+        self.deterministic = True
+        keys = jax.random.split(dropout_key, math.prod(stack)) if stack else dropout_key
+        self.dropout_key = LoRADropoutKey(jax.random.key_data(keys).reshape(*stack, -1),
+                                          logical_axes=(*stack_axes, None)) if cfg.dropout else None
+
+    def __call__(self, spec: str, x: jax.Array, dtype) -> jax.Array:
+        """The adapter's term of `project(spec, x, ...)` (spec: "x axes,weight axes->output axes")."""
+        inputs, output = spec.split("->")
+        x_axes, w_axes = inputs.split(",")
+        contracted = w_axes[:self.a.ndim - 1]
+        rank = next(c for c in string.ascii_lowercase if c not in spec)
+        kept = "".join(axis for axis in x_axes if axis not in contracted)
+        if self.rate and not self.deterministic:
+            key, use = jax.random.split(jax.random.wrap_key_data(self.dropout_key[...]))
+            self.dropout_key[...] = jax.random.key_data(key)
+            keep = jax.random.bernoulli(use, 1.0 - self.rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+        h = jnp.einsum(f"{x_axes},{contracted}{rank}->{kept}{rank}", x.astype(dtype), self.a[...].astype(dtype))
+        y = jnp.einsum(f"{kept}{rank},{rank}{w_axes[len(contracted):]}->{output}", h, self.b[...].astype(dtype))
+        return y * jnp.asarray(self.scale, dtype)
+
+
+def adapted_modules(model: nnx.Module):
+    """(module, projection name, weight attribute) of every projection `add_adapters` can adapt."""
+    for _, module in nnx.iter_graph(model):
+        for name, attribute in WEIGHTS.get(type(module).__name__, {}).items():
+            if getattr(module, attribute, None) is not None:
+                yield module, name, attribute
+
+
+def add_adapters(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> int:
+    """Attach `<name>_lora` adapters of rank cfg.rank to every projection in cfg.targets; returns how many
+    (per module; a scanned stack counts once). ConfigError when the model has none of the targets."""
+    targets = cfg.target_names
+    added = 0
+    for index, (module, name, attribute) in enumerate(adapted_modules(model)):
+        if name not in targets:
+            continue
+        weight = getattr(module, attribute)
+        axes = weight.get_metadata().get("logical_axes") or (None,) * weight.ndim
+        stacked = sum(1 for axis in axes if axis == "layers")
+        inputs = INPUT_AXES[name]
+        shape = weight.shape
+        setattr(module, f"{name}_lora", LoRA(
+            cfg, stack=shape[:stacked], stack_axes=axes[:stacked],
+            input_shape=shape[stacked:stacked + inputs], input_axes=axes[stacked:stacked + inputs],
+            output_shape=shape[stacked + inputs:], output_axes=axes[stacked + inputs:],
+            param_dtype=weight.dtype, key=jax.random.fold_in(key, index)))
+        added += 1
+    if not added:
+        raise ConfigError(f"lora.targets={cfg.targets!r}: the model has none of these projections")
+    return added
+
+
+def set_training(model: nnx.Module, training: bool) -> None:
+    """Turn adapter dropout on (training) or off."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, LoRA):
+            module.deterministic = not training
+
+
+def trainable(cfg: LoRAConfig):
+    """The nnx filter of the params a run trains: the adapters with lora.rank > 0, else every param."""
+    return LoRAParam if cfg.rank else nnx.Param
+
+
+def without_base(state: nnx.State) -> nnx.State:
+    """`state` without the frozen base params (what a LoRA run checkpoints)."""
+    return nnx.split_state(state, BASE, ...)[1]
+
+
+def merge_adapters(model: nnx.Module) -> int:
+    """Fold every adapter into its base weight (W += alpha / r * A B, in float32) and remove it; returns how many."""
+    merged = 0
+    for module, name, attribute in list(adapted_modules(model)):
+        adapter = getattr(module, f"{name}_lora", None)
+        if adapter is None:
+            continue
+        weight = getattr(module, attribute)
+        a, b = adapter.a[...].astype(jnp.float32), adapter.b[...].astype(jnp.float32)
+        stack = a.ndim - 1 - INPUT_AXES[name]
+        letters = string.ascii_uppercase
+        s, i, o = letters[:stack], letters[stack:stack + INPUT_AXES[name]], letters[stack + INPUT_AXES[name]:weight.ndim]
+        delta = jnp.einsum(f"{s}{i}r,{s}r{o}->{s}{i}{o}", a, b) * adapter.scale
+        weight[...] = (weight[...].astype(jnp.float32) + delta).astype(weight.dtype)
+        delattr(module, f"{name}_lora")
+        merged += 1
+    return merged
+
+
+def parameter_counts(state: nnx.State, cfg: LoRAConfig) -> tuple[int, int]:
+    """(trained param elements, all param elements) of a model state."""
+    def count(tree):
+        return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+    return count(nnx.filter_state(state, trainable(cfg))), count(nnx.filter_state(state, nnx.Param))
