@@ -21,22 +21,13 @@ from transformer.inference import generate as generate_module
 from transformer.inference.generate import Generator
 from transformer.inference.sampling import SamplingConfig
 
-from test_inference import init
+from test_inference import _fast_compiles, init  # noqa: F401 (_fast_compiles: an autouse fixture)
 
 MODEL = ModelConfig(architecture="encoder_decoder", vocab_size=300, d_model=32, num_layers=2, num_encoder_layers=2,
                     num_heads=4, num_kv_heads=2, d_ff=64, init_std=0.3, position="t5_bias", relative_buckets=8,
                     relative_max_distance=12, attention_block_size=8)
 DATA = DataConfig(dataset="reverse", copy_length=12, seq_len=16, global_batch_size=2)
 NEW = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Tiny programs: XLA's optimisation passes cost more than they save here (numerics stay float32)."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def save_run(run_dir, model_cfg: ModelConfig, seed: int = 0) -> Config:

@@ -418,15 +418,20 @@ def test_sharded_forward_matches_single_device():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_sequence_parallel_ring_in_zigzag_order_matches_dense():
-    cfg = cfg_with(attention_kernel="blockwise", attention_block_size=8)
-    model = model_for(cfg)
-    x = tokens(0)
-    positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    (want, _), _ = call(model, x)
-    mesh = sharding.make_mesh(MeshConfig(data=1, sequence=2), jax.devices()[:2])
+def ring_logits(model, x_BL, ring: int = 2):
+    """The model's logits on a `sequence=ring` mesh, tokens and positions in zigzag order (as place_batch lays
+    them out)."""
+    positions = jnp.broadcast_to(jnp.arange(x_BL.shape[1], dtype=jnp.int32), x_BL.shape)
+    mesh = sharding.make_mesh(MeshConfig(data=1, sequence=ring), jax.devices()[:ring])
     graphdef, state = nnx.split(model)
     with sharding.use_mesh(mesh):
-        got, _ = jax.jit(lambda s, x, p: nnx.merge(graphdef, s)(x, positions_BL=p))(
-            state, to_zigzag(x, 2), to_zigzag(positions, 2))
-    np.testing.assert_allclose(got, to_zigzag(want, 2), rtol=1e-5, atol=1e-6)
+        logits, _ = jax.jit(lambda s, x, p: nnx.merge(graphdef, s)(x, positions_BL=p))(
+            state, to_zigzag(x_BL, ring), to_zigzag(positions, ring))
+    return logits
+
+
+def test_sequence_parallel_ring_in_zigzag_order_matches_dense():
+    model = model_for(cfg_with(attention_kernel="blockwise", attention_block_size=8))
+    x = tokens(0)
+    (want, _), _ = call(model, x)
+    np.testing.assert_allclose(ring_logits(model, x), to_zigzag(want, 2), rtol=1e-5, atol=1e-6)
