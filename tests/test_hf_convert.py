@@ -508,3 +508,15 @@ def test_a_folder_with_a_tokenizer_gives_a_run_that_reads_and_generates_through_
     assert row["prompt_ids"] == [3, 7, 8]
     streamed = capsys.readouterr().out.splitlines()[0]  # row 0 streams its text as it decodes
     assert streamed == tok.decode(row["generated_ids"], skip_special_tokens=True)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_and_nothing_written(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    config = FAMILIES["llama"]
+    source = write_hf(tmp_path / "hf", config, hf_tensors(config))
+    vocab = {f"w{i}": i for i in range(V + 5)}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0")).save(str(source / "tokenizer.json"))
+    assert convert.main(["--from-hf", str(source), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"has {V + 5} tokens, more than model.vocab_size={V}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

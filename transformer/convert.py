@@ -46,6 +46,7 @@ from transformer import distributed, lora, sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, restore_params
 from transformer.config import (DTYPES, CheckpointConfig, Config, ConfigError, DataConfig, LoRAConfig, MeshConfig,
                                 ModelConfig, apply_overrides, print_help_if_asked)
+from transformer.data.tokenizers import check_vocab, load_tokenizer
 from transformer.hf import configs, folder as hf_folder, weights
 from transformer.model import build_model
 
@@ -77,6 +78,15 @@ def _data_config(folder: hf_folder.HFFolder, run_dir: Path, model: ModelConfig) 
     return DataConfig(dataset="npy", paths=(NO_DATA,), seq_len=seq_len)
 
 
+def _check_tokenizer(folder: hf_folder.HFFolder, cfg: Config) -> None:
+    """ConfigError when the folder's tokenizer is unreadable or has more tokens than model.vocab_size."""
+    if cfg.data.tokenizer == "bytes":
+        return
+    kind, _, path = cfg.data.tokenizer.partition(":")
+    source = f"{kind}:{folder.path / Path(path).name}" if kind == "sentencepiece" else f"{kind}:{folder.path}"
+    check_vocab(load_tokenizer(source), cfg.model.vocab_size)
+
+
 def import_hf(source: str | Path, run_dir: str | Path, overrides: list[str] = ()) -> Config:
     """Convert the HF folder `source` into the new run directory `run_dir` (see the module docstring)."""
     started = time.perf_counter()
@@ -85,6 +95,7 @@ def import_hf(source: str | Path, run_dir: str | Path, overrides: list[str] = ()
     model = configs.model_config(folder.config)
     cfg = Config(model=model, data=_data_config(folder, run_dir, model), run_dir=str(run_dir))
     cfg = apply_overrides(cfg, list(overrides)).validate()
+    _check_tokenizer(folder, cfg)
     hf_folder.check_new_dir(run_dir, "--run-dir")
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.use_mesh(mesh):
