@@ -354,10 +354,11 @@ class DataConfig:
     dataset: str = described("kjv", f"{', '.join(DATASETS)}")
     paths: tuple[str, ...] = described((), "comma-separated text files/dirs ('text'), .npy token files ('npy') or "
                                        ".jsonl files of {\"source\": ..., \"target\": ...} lines ('pairs')")
-    seq_len: int = described(256, "tokens per training row")
+    seq_len: int = described(256, "tokens per training row (an encoder_decoder's source length)")
     global_batch_size: int = described(16, "rows per step over all devices and micro-batches")
     eval_fraction: float = described(0.02, "tail of the corpus held out for evaluation")
-    seed: int = described(0, "seed of the order of training windows and of synthetic examples")
+    seed: int = described(0, "seed of the order of training windows, of synthetic examples and of the MLM "
+                          "masks and span corruption")
     tokenizer: str = described("bytes", "how the kjv and text corpora and text prompts become ids: bytes, hf:PATH "
                                "(a tokenizer.json or its folder) or sentencepiece:PATH (a .model file)")
     objective: str = described("auto", "next_token, mlm, span_corruption, seq2seq; auto: next_token (decoder), "
