@@ -21,6 +21,7 @@ COLUMNS = {
 }
 
 
+@pytest.mark.slow
 def test_quick_preset_writes_every_section(tmp_path):
     out = bench.main(["--preset", "quick", "--results-dir", str(tmp_path), "--contexts", "64"])
     for section, columns in COLUMNS.items():

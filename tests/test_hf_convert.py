@@ -307,6 +307,7 @@ def test_sharded_bfloat16_folder_imports_onto_a_mesh_shard_by_shard_and_exports_
         assert back[key].dtype == value.dtype and back[key].tobytes() == value.tobytes(), key
 
 
+@pytest.mark.slow
 def test_converted_run_generates_and_fine_tunes(tmp_path):
     from transformer import generate, train
     from transformer.config import Config, apply_overrides

@@ -64,7 +64,7 @@ def newest_step_dir(run_dir: Path) -> Path:
     return max((p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_adapters_at_init_leave_the_model_bitwise_unchanged(scan):
     cfg = config("unused", f"model.scan_layers={str(scan).lower()}", "model.moe.num_experts=4",
                  "model.moe.every_k_layers=2", "model.moe.num_shared_experts=1", "model.attention_bias=all")

@@ -181,7 +181,8 @@ def test_deepseek_v2_attention_params_and_cache_bytes_equal_the_paper():
 # ------------------------------------------------------------------------------------------------- on a mesh
 
 
-@pytest.mark.parametrize("axes, zigzag", [(dict(data=2, fsdp=1, tensor=4), False), (dict(fsdp=2, tensor=4), False),
+@pytest.mark.parametrize("axes, zigzag", [pytest.param(dict(data=2, fsdp=1, tensor=4), False, marks=pytest.mark.slow),
+                                          pytest.param(dict(fsdp=2, tensor=4), False, marks=pytest.mark.slow),
                                           (dict(sequence=2, tensor=4), True)],
                          ids=["data2_tensor4", "fsdp2_tensor4", "ring_sequence2_tensor4"])
 def test_sharded_forward_equals_one_device(axes, zigzag):
@@ -203,7 +204,7 @@ def test_sharded_forward_equals_one_device(axes, zigzag):
     np.testing.assert_allclose(np.asarray(got), np.asarray(layout(want)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("axes", [dict(data=2, tensor=4), dict(sequence=2, tensor=4)],
+@pytest.mark.parametrize("axes", [pytest.param(dict(data=2, tensor=4), marks=pytest.mark.slow), dict(sequence=2, tensor=4)],
                          ids=["data2_tensor4", "split_cache_sequence2_tensor4"])
 def test_sharded_latent_cache_decode_equals_one_device(axes):
     from test_inference_sharded import decode_logits

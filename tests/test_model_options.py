@@ -102,6 +102,7 @@ def test_local_layers_see_only_their_window_and_global_ones_everything():
         assert np.all(norms[~visible] == 0) and np.all(norms[visible] > 0), layer
 
 
+@pytest.mark.slow
 def test_scan_equals_unrolled_with_pattern_groups_of_moe_blocks_and_a_leftover_moe_layer():
     # every layer MoE, a pattern of 2: scanned groups of 2 MoE blocks and a leftover MoE layer (window 3)
     moe = MoEConfig(num_experts=4, top_k=2, every_k_layers=1, router="mixtral", capacity_factor=1.0,

@@ -98,6 +98,7 @@ def test_sweep_row_matches_metrics_rerun_reuses_and_override_makes_a_new_run(tmp
         assert [row["step"] for row in csv.DictReader(f)] == ["4"]
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_sweep_after_a_checkpoint_without_a_row_and_rerun_resumes(tmp_path):
     """SIGINT arrives while the run is being set up (its config.json exists, training has not started): it is
     passed on to train's guard, which saves and stops the run at its first step."""

@@ -354,7 +354,7 @@ def test_layer_stacks_own_one_table_each():
     assert not any("relative_bias_OH" in path for path, _ in nnx.to_flat_state(rope))
 
 
-@pytest.mark.parametrize("architecture", ["decoder", "encoder"])
+@pytest.mark.parametrize("architecture", [pytest.param("decoder", marks=pytest.mark.slow), "encoder"])
 def test_model_is_relative_and_table_gradient_matches_reference(architecture):
     """Shifting every position by a constant leaves the logits unchanged (only offsets matter, no other
     position encoding); the scanned, rematerialised stack's gradient w.r.t. its table is the same from the
@@ -382,8 +382,9 @@ def test_model_is_relative_and_table_gradient_matches_reference(architecture):
     assert_close(results["blockwise"][1], results["reference"][1], 1e-4, "d table")
 
 
-@pytest.mark.parametrize("axes", [dict(sequence=2, tensor=2), dict(data=2, sequence=4)], ids=["seq2_tensor2",
-                                                                                             "data2_seq4"])
+@pytest.mark.parametrize("axes", [dict(sequence=2, tensor=2), pytest.param(dict(data=2, sequence=4),
+                                                                         marks=pytest.mark.slow)],
+                         ids=["seq2_tensor2", "data2_seq4"])
 def test_model_on_a_sequence_mesh_equals_one_device(axes):
     """The decoder's layers run Ring Attention with the stack's table (its columns split like the heads):
     logits and every gradient, the table's included, equal the unsharded model's."""
