@@ -50,6 +50,7 @@ def greedy(max_new_tokens=NEW, stop=()):
     return SamplingConfig(temperature=0, max_new_tokens=max_new_tokens, stop_tokens=stop)
 
 
+@pytest.mark.slow
 def test_cli_equals_generator(run_dir, tmp_path, capsys):
     """source text (its bytes + EOS) and source_ids give the Generator's greedy tokens from [BOS] (+ prompt);
     a sources file gives one row per source, each equal to that source generated alone."""

@@ -90,7 +90,7 @@ def layer_params(layer) -> dict:
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(),
+    pytest.param(dict(), marks=pytest.mark.slow),
     dict(q_lora_rank=0, v_head_dim=20, attention_kernel="blockwise", attention_block_size=4),
     dict(qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0, sliding_window=5, attention_kernel="blockwise",
          attention_block_size=4),
