@@ -77,15 +77,19 @@ def _corrupted_rows(stream: corpus.TokenStream, width: int, transform: Callable,
         lambda k, rng: transform(stream.read(k * width, (k + 1) * width), rng), seed=corruption_seed)
 
 
+def _random_rows(cfg: DataConfig, split: str, make_row: Callable) -> grain.MapDataset:
+    """An endless dataset whose element i is make_row(rng), rng keyed by (data.seed, split, i)."""
+    return grain.MapDataset.range(sys.maxsize).random_map(lambda _, rng: make_row(rng),
+                                                          seed=_split_seed(cfg.seed, split))
+
+
 def _task_rows(cfg: DataConfig, split: str) -> grain.MapDataset:
-    return grain.MapDataset.range(sys.maxsize).random_map(
-        lambda _, rng: _row(*synthetic.example(cfg, rng)), seed=_split_seed(cfg.seed, split))
+    return _random_rows(cfg, split, lambda rng: _row(*synthetic.example(cfg, rng)))
 
 
 def _seq2seq_task_rows(cfg: DataConfig, split: str, target_len: int) -> grain.MapDataset:
-    return grain.MapDataset.range(sys.maxsize).random_map(
-        lambda _, rng: objectives.seq2seq_row(*synthetic.source_target(cfg.dataset, cfg.copy_length, rng),
-                                              cfg.seq_len, target_len), seed=_split_seed(cfg.seed, split))
+    return _random_rows(cfg, split, lambda rng: objectives.seq2seq_row(
+        *synthetic.source_target(cfg.dataset, cfg.copy_length, rng), cfg.seq_len, target_len))
 
 
 def _check_long_enough(stream: corpus.TokenStream, what: str, cfg: DataConfig, width: int | None = None) -> None:
