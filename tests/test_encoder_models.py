@@ -102,7 +102,7 @@ def train_steps(cfg: Config, mesh, batches: list[dict]) -> tuple[list[dict], dic
     from `initial_state`, each batch placed like the train loop places it."""
     sharding.validate_for_mesh(cfg, mesh)
     graphdef, state = initial_state(cfg.model.architecture)
-    causal = cfg.model.architecture != "encoder"
+    causal = cfg.model.causal
     with sharding.use_mesh(mesh):
         _, _, shardings = train.abstract_train_state(cfg, mesh)
         state = jax.device_put(jax.tree.map(jnp.copy, state), shardings)  # the step donates it

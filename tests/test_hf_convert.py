@@ -52,10 +52,33 @@ FAMILIES = {
 }
 FAMILIES["gpt2_exact_gelu_untied"] = {**FAMILIES["gpt2"], "activation_function": "gelu", "n_inner": F,
                                       "tie_word_embeddings": False}
+# DeepSeek-V2 shapes in miniature: MLA (C, Cq, N, R, VH), a dense first layer, then E experts per layer with group
+# limits, a shared expert and scaled gates; YaRN with DeepSeek's two mscales (unequal, so both act)
+C, CQ, NOPE, ROPE, VH, FE = 16, 12, 8, 4, 6, 16
+DEEPSEEK = {**{k: BASE[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                                    "num_hidden_layers", "hidden_act", "initializer_range", "tie_word_embeddings",
+                                    "bos_token_id", "eos_token_id", "torch_dtype")},
+            "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "num_key_value_heads": H,
+            "rms_norm_eps": 1e-6, "kv_lora_rank": C, "q_lora_rank": CQ, "qk_nope_head_dim": NOPE,
+            "qk_rope_head_dim": ROPE, "v_head_dim": VH, "attention_bias": False, "first_k_dense_replace": 1,
+            "moe_layer_freq": 1, "n_routed_experts": E, "num_experts_per_tok": 2, "n_shared_experts": 1,
+            "moe_intermediate_size": FE, "routed_scaling_factor": 2.5, "topk_method": "group_limited_greedy",
+            "n_group": 2, "topk_group": 1, "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.001,
+            "seq_aux": True, "max_position_embeddings": 64, "rope_theta": 10000.0,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}}
+FAMILIES["deepseek_v2"] = DEEPSEEK
+FAMILIES["deepseek_v2_lite"] = {**DEEPSEEK, "q_lora_rank": None, "topk_method": "greedy", "n_group": 1,
+                                "topk_group": 1, "routed_scaling_factor": 1.0, "tie_word_embeddings": True,
+                                "rope_scaling": {**DEEPSEEK["rope_scaling"], "mscale": 0.707, "mscale_all_dim": 0.707}}
 
 
 def is_gpt2(config: dict) -> bool:
     return config["model_type"] == "gpt2"
+
+
+def is_deepseek(config: dict) -> bool:
+    return config["model_type"] == "deepseek_v2"
 
 
 def tied(config: dict) -> bool:
@@ -68,6 +91,8 @@ def hf_tensors(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.nd
     normal = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(dtype)
     if is_gpt2(config):
         return gpt2_tensors(config, normal, dtype)
+    if is_deepseek(config):
+        return deepseek_tensors(config, normal, dtype)
     out = {"model.embed_tokens.weight": normal(V, D), "model.norm.weight": (1 + normal(D)).astype(dtype)}
     if not tied(config):
         out["lm_head.weight"] = normal(V, D)
@@ -113,6 +138,36 @@ def gpt2_tensors(config: dict, normal, dtype) -> dict[str, np.ndarray]:
                 p + "attn.c_proj.bias": normal(D), p + "mlp.c_fc.weight": normal(D, inner),
                 p + "mlp.c_fc.bias": normal(inner), p + "mlp.c_proj.weight": normal(inner, D),
                 p + "mlp.c_proj.bias": normal(D)}
+    return out
+
+
+def deepseek_tensors(config: dict, normal, dtype) -> dict[str, np.ndarray]:
+    scale = lambda n: (1 + normal(n)).astype(dtype)
+    out = {"model.embed_tokens.weight": normal(V, D), "model.norm.weight": scale(D)}
+    if not tied(config):
+        out["lm_head.weight"] = normal(V, D)
+    for i in range(N):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        out |= {p + "input_layernorm.weight": scale(D), p + "post_attention_layernorm.weight": scale(D),
+                a + "kv_a_proj_with_mqa.weight": normal(C + ROPE, D), a + "kv_a_layernorm.weight": scale(C),
+                a + "kv_b_proj.weight": normal(H * (NOPE + VH), C), a + "o_proj.weight": normal(D, H * VH)}
+        if config["q_lora_rank"]:
+            out |= {a + "q_a_proj.weight": normal(CQ, D), a + "q_a_layernorm.weight": scale(CQ),
+                    a + "q_b_proj.weight": normal(H * (NOPE + ROPE), CQ)}
+        else:
+            out[a + "q_proj.weight"] = normal(H * (NOPE + ROPE), D)
+        m = p + "mlp."
+        if i < config["first_k_dense_replace"]:
+            out |= {m + "gate_proj.weight": normal(F, D), m + "up_proj.weight": normal(F, D),
+                    m + "down_proj.weight": normal(D, F)}
+            continue
+        shared = FE * config["n_shared_experts"]
+        out |= {m + "gate.weight": normal(E, D), m + "shared_experts.gate_proj.weight": normal(shared, D),
+                m + "shared_experts.up_proj.weight": normal(shared, D),
+                m + "shared_experts.down_proj.weight": normal(D, shared)}
+        for e in range(E):
+            out |= {m + f"experts.{e}.gate_proj.weight": normal(FE, D), m + f"experts.{e}.up_proj.weight": normal(FE, D),
+                    m + f"experts.{e}.down_proj.weight": normal(D, FE)}
     return out
 
 
@@ -184,6 +239,8 @@ def reference_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
     t = {k: np.asarray(v, np.float64) for k, v in t.items()}
     if is_gpt2(config):
         return gpt2_reference_logits(config, t, tokens)
+    if is_deepseek(config):
+        return deepseek_reference_logits(config, t, tokens)
     eps, L = config["rms_norm_eps"], len(tokens)
     x = t["model.embed_tokens.weight"][tokens]
     silu = lambda z: z / (1 + np.exp(-z))
@@ -215,6 +272,82 @@ def reference_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
         else:
             a = silu(linear(h, p + "mlp.gate_proj")) * linear(h, p + "mlp.up_proj")
             x = x + linear(a, p + "mlp.down_proj")
+    x = _rms(x, t["model.norm.weight"], eps)
+    head = t["model.embed_tokens.weight"] if tied(config) else t["lm_head.weight"]
+    return x @ head.T
+
+
+def _yarn_mscale(factor, mscale=1.0):
+    return 1.0 if factor <= 1 else 0.1 * mscale * np.log(factor) + 1.0
+
+
+def _deepseek_rope(config: dict):
+    """(inverse frequencies, cos/sin factor, score scale) as transformers' _compute_yarn_parameters and
+    DeepseekV2Attention compute them."""
+    rope, dim, base = config["rope_scaling"], ROPE, config["rope_theta"]
+    factor, old = rope["factor"], rope["original_max_position_embeddings"]
+    correction = lambda rotations: dim * np.log(old / (rotations * 2 * np.pi)) / (2 * np.log(base))
+    low, high = max(np.floor(correction(rope["beta_fast"])), 0), min(np.ceil(correction(rope["beta_slow"])), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low + (0.001 if low == high else 0)), 0, 1)
+    extrapolated = 1.0 / base ** (np.arange(0, dim, 2) / dim)
+    inv = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    cos_sin_factor = _yarn_mscale(factor, rope["mscale"]) / _yarn_mscale(factor, rope["mscale_all_dim"])
+    score_scale = (NOPE + ROPE) ** -0.5 * _yarn_mscale(factor, rope["mscale_all_dim"]) ** 2
+    return inv, cos_sin_factor, score_scale
+
+
+def _interleaved_rope(x_LHR, inv, factor):
+    """DeepSeek's rotation: pairs (2j, 2j + 1) as complex numbers times factor * e^(i pos inv_j)."""
+    z = x_LHR[..., 0::2] + 1j * x_LHR[..., 1::2]
+    z = z * (factor * np.exp(1j * np.arange(len(x_LHR))[:, None, None] * inv))
+    return np.stack([z.real, z.imag], -1).reshape(x_LHR.shape)
+
+
+def deepseek_reference_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
+    """DeepseekV2ForCausalLM: MLA with interleaved RoPE on the decoupled parts, a dense first layer, then softmax
+    top-k experts (group-limited, gates times routed_scaling_factor) plus shared experts."""
+    eps, L = config["rms_norm_eps"], len(tokens)
+    inv, rope_factor, score_scale = _deepseek_rope(config)
+    silu = lambda z: z / (1 + np.exp(-z))
+    linear = lambda h, name: h @ t[name + ".weight"].T
+    mlp = lambda h, m: linear(silu(linear(h, m + "gate_proj")) * linear(h, m + "up_proj"), m + "down_proj")
+    x = t["model.embed_tokens.weight"][tokens]
+    for i in range(N):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        h = _rms(x, t[p + "input_layernorm.weight"], eps)
+        if config["q_lora_rank"]:
+            q = linear(_rms(linear(h, a + "q_a_proj"), t[a + "q_a_layernorm.weight"], 1e-6), a + "q_b_proj")
+        else:
+            q = linear(h, a + "q_proj")
+        q = q.reshape(L, H, NOPE + ROPE)
+        latent = linear(h, a + "kv_a_proj_with_mqa")
+        kv = linear(_rms(latent[:, :C], t[a + "kv_a_layernorm.weight"], 1e-6), a + "kv_b_proj").reshape(L, H, -1)
+        k_rope = _interleaved_rope(latent[:, None, C:], inv, rope_factor)
+        q = np.concatenate([q[..., :NOPE], _interleaved_rope(q[..., NOPE:], inv, rope_factor)], -1)
+        k = np.concatenate([kv[..., :NOPE], np.repeat(k_rope, H, axis=1)], -1)
+        scores = np.einsum("qhw,khw->hqk", q, k) * score_scale
+        scores = np.where(np.tril(np.ones((L, L), bool))[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + linear(np.einsum("hqk,khv->qhv", probs, kv[..., NOPE:]).reshape(L, -1), a + "o_proj")
+        h = _rms(x, t[p + "post_attention_layernorm.weight"], eps)
+        m = p + "mlp."
+        if i < config["first_k_dense_replace"]:
+            x = x + mlp(h, m)
+            continue
+        router = h @ t[m + "gate.weight"].T
+        router = np.exp(router - router.max(-1, keepdims=True))
+        router /= router.sum(-1, keepdims=True)
+        out = mlp(h, m + "shared_experts.")
+        for row in range(L):
+            scores_e = router[row].copy()
+            if config["topk_method"] == "group_limited_greedy":
+                groups = scores_e.reshape(config["n_group"], -1)
+                keep = np.argsort(-groups.max(-1))[:config["topk_group"]]
+                scores_e = np.where(np.isin(np.arange(config["n_group"]), keep)[:, None], groups, 0.0).ravel()
+            for e in np.argsort(-scores_e)[:config["num_experts_per_tok"]]:
+                out[row] += scores_e[e] * config["routed_scaling_factor"] * mlp(h[row], m + f"experts.{e}.")
+        x = x + out
     x = _rms(x, t["model.norm.weight"], eps)
     head = t["model.embed_tokens.weight"] if tied(config) else t["lm_head.weight"]
     return x @ head.T
@@ -259,7 +392,7 @@ TOKENS = np.random.default_rng(7).integers(0, V, 12)
 # ---------------------------------------------------------------- tests
 
 
-SLOW_FAMILIES = ("gpt2_exact_gelu_untied", "llama_biases", "mixtral")  # covered in the default run by their siblings
+SLOW_FAMILIES = ("gpt2_exact_gelu_untied", "llama_biases", "mixtral", "deepseek_v2_lite")  # covered in the default run by their siblings
 # and by the sharded bfloat16 folder test; run with -m slow
 
 
@@ -282,7 +415,7 @@ def test_import_matches_the_float64_reference_and_round_trips_bit_for_bit(tmp_pa
 
 def _normalised(config: dict) -> dict:
     """Keys the export writes in canonical form (same values as the source's)."""
-    if is_gpt2(config):
+    if is_gpt2(config) or is_deepseek(config):
         return {}
     out = {"head_dim": W}
     if config["model_type"] in ("mistral", "mixtral"):
@@ -292,7 +425,8 @@ def _normalised(config: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt2"])  # gpt2: q, k, v shards cut from the fused c_attn
+@pytest.mark.parametrize("name", ["mixtral", "gpt2", pytest.param("deepseek_v2", marks=pytest.mark.slow)])
+# gpt2: q, k, v shards cut from the fused c_attn; deepseek_v2: k_up / v_up from kv_b_proj, RoPE rows reordered
 def test_sharded_bfloat16_folder_imports_onto_a_mesh_shard_by_shard_and_exports_the_same_bytes(tmp_path, monkeypatch,
                                                                                                 name):
     config = {**FAMILIES[name], "torch_dtype": "bfloat16"}
@@ -342,8 +476,17 @@ def test_converted_run_generates_and_fine_tunes(tmp_path):
 BAD_FOLDERS = {  # problem: (family, change to its config.json or tensors, the error's words)
     "no_config": ("llama", lambda c, t: None, "has no config.json"),
     "unknown_type": ("llama", lambda c, t: c.update(model_type="gptj"), "model_type='gptj'"),
-    "not_yet": ("llama", lambda c, t: c.update(model_type="deepseek_v2"),
-                "model_type='deepseek_v2': needs multi-head latent attention"),
+    "not_yet": ("llama", lambda c, t: c.update(model_type="deepseek_v3"),
+                "model_type='deepseek_v3': needs its router"),
+    "deepseek_norm_topk": ("deepseek_v2", lambda c, t: c.update(norm_topk_prob=True),
+                           "norm_topk_prob=True: transformers' DeepseekV2 ignores it"),
+    "deepseek_eps": ("deepseek_v2", lambda c, t: c.update(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
+    "deepseek_freq": ("deepseek_v2", lambda c, t: c.update(moe_layer_freq=2), "moe_layer_freq=2"),
+    "deepseek_expert_missing": ("deepseek_v2", lambda c, t: t.pop("model.layers.2.mlp.experts.3.up_proj.weight"),
+                                "lacks tensor 'model.layers.2.mlp.experts.3.up_proj.weight'"),
+    "deepseek_dense_layer_has_experts": (
+        "deepseek_v2", lambda c, t: c.update(first_k_dense_replace=2),
+        "lacks tensor 'model.layers.1.mlp.down_proj.weight' (3 missing)"),
     "mistral_bias": ("mistral", lambda c, t: c.update(attention_bias=True),
                      "attention_bias=True: MistralForCausalLM has no such biases"),
     "activation": ("llama", lambda c, t: c.update(hidden_act="gelu"), "hidden_act='gelu'"),
@@ -384,6 +527,32 @@ def test_bad_folders_fail_with_one_line_and_write_nothing(tmp_path, capsys, prob
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_deepseek_v2_lite_config_gives_the_papers_15_7b_total_and_2_4b_active_parameters():
+    """DeepSeek-V2-Lite's published config.json (arXiv:2405.04434 appendix B: 15.7B parameters, 2.4B activated per
+    token), counted from the abstract model: MLA, one dense layer, 26 MoE layers of 64 + 2 shared experts."""
+    from transformer.model import build_model, count_params
+
+    hf = {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 102400,
+          "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+          "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+          "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+          "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+          "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False,
+          "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+          "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+          "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                                                "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                                                "type": "yarn"}}
+    cfg = configs.model_config(hf)
+    assert (cfg.max_seq_len, cfg.rope_scaling_factor, cfg.moe.first_dense_layers) == (4096, 40.0, 1)
+    total = count_params(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
+    idle_experts = 26 * (64 - 6) * 3 * 2048 * 1408
+    assert round(total / 1e9, 1) == 15.7
+    active = total - idle_experts - 102400 * 2048  # the input embedding is a lookup, not an activated weight
+    assert 2.4e9 <= active < 2.5e9  # 2.45B: the paper's "2.4B"
+    assert configs.hf_config(cfg, saved=hf)["rope_scaling"] == {**hf["rope_scaling"], "rope_type": "yarn"}
 
 
 def test_existing_directories_are_never_overwritten(tmp_path, capsys):
@@ -460,6 +629,7 @@ def test_configs_no_hf_family_computes_are_refused_on_export(changes, expected):
 
 FOR_CLASS = {"llama": "LlamaForCausalLM", "llama_tied_scaled": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
              "mixtral": "MixtralForCausalLM", "llama_biases": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v2_lite": "DeepseekV2ForCausalLM",
              "gpt2": "GPT2LMHeadModel", "gpt2_exact_gelu_untied": "GPT2LMHeadModel"}
 
 

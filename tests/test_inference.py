@@ -215,6 +215,13 @@ VARIANTS = {
         dict(attention="mla", kv_lora_rank=12, q_lora_rank=8, num_layers=3,
              moe=MoEConfig(num_experts=4, top_k=2, every_k_layers=2, router="mixtral", dropless=True,
                            num_shared_experts=1)), [9, 5], 15, 0, 0),
+    # DeepSeek-V2's layout: a dense first layer before the scanned MoE groups (group-limited routing, scaled
+    # gates), YaRN with DeepSeek's mscales (rotated keys in the latent cache, scores times m(all_dim)^2)
+    "mla-deepseek-first_dense-grouped-yarn_mscale-chunked": (
+        dict(attention="mla", kv_lora_rank=12, q_lora_rank=8, num_layers=3, rope_scaling="yarn",
+             rope_scaling_factor=4.0, max_seq_len=8, yarn_mscale=1.0, yarn_mscale_all_dim=0.8,
+             moe=MoEConfig(num_experts=4, top_k=2, first_dense_layers=1, router_groups=2, dropless=True,
+                           routed_scale=2.5, num_shared_experts=1)), [9, 9], 12, 4, 0),
 }
 
 

@@ -223,3 +223,32 @@ def test_merge_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("error: --merge RUN needs --out") and "has no config.json" in lines[1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 8], ids=["full_rank_q", "low_rank_q"])
+def test_mla_adapters_merge_exactly_and_decode_through_the_latent_cache(q_lora_rank):
+    """LoRA on MLA's q (or its up-projection), per-head key / value up-projections and output: the adapted model
+    equals its merge, and its latent-cache decode (which absorbs the adapted up-projections) equals its full
+    forward."""
+    from test_inference import cfg_with, full_forward, incremental, random_rows, rel_errors
+
+    cfg = cfg_with(attention="mla", kv_lora_rank=12, q_lora_rank=q_lora_rank, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                   v_head_dim=6)
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    assert lora.add_adapters(model, LoRAConfig(rank=2, alpha=4, targets="q,k,v,o"), jax.random.key(1)) == 4
+    lora.set_training(model, False)
+    rng = np.random.default_rng(2)
+    for _, value in nnx.iter_graph(model):
+        if isinstance(value, lora.LoRAParam):
+            value[...] = jnp.asarray(0.3 * rng.standard_normal(value.shape), value.dtype)
+    adapted, _ = model(tokens(4))
+    rows = random_rows([9, 9])
+    graphdef, state = nnx.split(model)
+    got, _ = incremental(cfg, graphdef, state, rows, [5, 5])
+    want = full_forward(cfg, graphdef, state, rows)
+    assert max(rel_errors(g, w).max() for g, w in zip(got, want)) < 1e-5
+    base_logits, _ = build_model(cfg, rngs=nnx.Rngs(0))(tokens(4))
+    assert lora.merge_adapters(model) == 4
+    merged, _ = model(tokens(4))
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(adapted) - np.asarray(base_logits)).max() > 1e-2  # the adapters act

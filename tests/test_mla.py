@@ -258,8 +258,25 @@ def test_inspect_prints_deepseek_v2_cache_and_compression(capsys):
     assert "MHA's 3,932,160 B is 56.9x this; it equals GQA with 2.25 kv groups of width 128" in out
 
 
-def test_hf_export_refuses_mla():
-    from transformer.hf.configs import family
+def test_mla_configs_write_deepseek_v2_config_json_and_read_back_the_same():
+    from transformer.config import MoEConfig
+    from transformer.hf.configs import hf_config, model_config
 
-    with pytest.raises(ConfigError, match=r"model.attention='mla': writing an HF family needs 'mha'"):
-        family(cfg_with(tie_embeddings=False))
+    dense = cfg_with(tie_embeddings=False, attention_kernel="auto")
+    hf = hf_config(dense)
+    assert hf["model_type"] == "deepseek_v2" and hf["first_k_dense_replace"] == dense.num_layers  # no MoE layer
+    assert model_config(hf) == dense
+    moe = MoEConfig(num_experts=4, top_k=2, first_dense_layers=1, router_groups=2, router_top_groups=1,
+                    routed_scale=2.5, num_shared_experts=1, d_ff_expert=16, dropless=True, load_balance_coef=0.0,
+                    router_z_loss_coef=0.0, seq_balance_coef=1e-3)
+    extended = dataclasses.replace(dense, moe=moe, rope_scaling="yarn", rope_scaling_factor=4.0, yarn_mscale=1.0,
+                        yarn_mscale_all_dim=0.8)
+    hf = hf_config(extended)
+    assert (hf["topk_method"], hf["n_group"], hf["topk_group"], hf["routed_scaling_factor"]) == \
+        ("group_limited_greedy", 2, 1, 2.5)
+    assert hf["rope_scaling"]["mscale_all_dim"] == 0.8 and hf["max_position_embeddings"] == 4 * dense.max_seq_len
+    assert model_config(hf) == extended
+    with pytest.raises(ConfigError, match=r"model.norm_eps=1e-05: writing DeepSeek-V2 needs 1e-06"):
+        hf_config(dataclasses.replace(dense, norm_eps=1e-5))
+    with pytest.raises(ConfigError, match=r"DeepSeek-V2 needs router='softmax_topk'"):
+        hf_config(dataclasses.replace(dense, moe=MoEConfig(num_experts=4, router="mixtral")))

@@ -69,7 +69,7 @@ def unrolled_copy(cfg, scanned):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(nnx.state(scanned))
     stacked = pure["layers"]["groups"]
-    num_groups = cfg.num_layers // cfg.layer_group_size
+    num_groups = (cfg.num_layers - cfg.lead_layers) // cfg.layer_group_size
     pure["layers"]["groups"] = {i: jax.tree.map(lambda x: x[i], stacked) for i in range(num_groups)}
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

@@ -7,6 +7,8 @@ with biases and patterns (test_inference), Qwen2 / GPT-2 / Llama with biases aga
 transformers (test_hf_convert)."""
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,9 +52,11 @@ def num_params(model) -> int:
 
 
 def blocks_in_order(model):
-    """An unrolled model's blocks, layer 0 first (scanned groups, then the leftover group)."""
+    """An unrolled model's blocks, layer 0 first (the dense lead, the groups, then the leftover group)."""
     groups = list(model.layers.groups) if model.layers.groups is not None else []
-    return [b for g in groups for b in g.blocks] + (list(model.layers.leftover.blocks) if model.layers.leftover else [])
+    lead = list(model.layers.lead.blocks) if model.layers.lead else []
+    return lead + [b for g in groups for b in g.blocks] + (list(model.layers.leftover.blocks) if model.layers.leftover
+                                                           else [])
 
 
 # ---------------------------------------------------------------- config
@@ -118,6 +122,28 @@ def test_scan_equals_unrolled_with_pattern_groups_of_moe_blocks_and_a_leftover_m
     assert aux["moe/expert_load_NE"].shape == (3, 4)  # one row per MoE layer, in layer order
     for name, value in aux.items():
         np.testing.assert_allclose(value, aux_unrolled[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_first_dense_layers_lead_the_scanned_moe_groups_and_scan_equals_unrolled():
+    # DeepSeek's layout: layer 0 dense, then (MoE local, MoE global) groups, one leftover MoE local layer
+    moe = MoEConfig(num_experts=4, top_k=2, first_dense_layers=1, router_groups=2, router_top_groups=1,
+                    routed_scale=2.0, num_shared_experts=1, d_ff_expert=16, capacity_factor=1.0)
+    cfg = cfg_with(PATTERN, num_layers=4, moe=moe)
+    check_scan_equals_unrolled(cfg, cfg_with(cfg, scan_layers=False))
+    blocks = blocks_in_order(model_for(cfg_with(cfg, scan_layers=False)))
+    assert [b.moe for b in blocks] == [False, True, True, True]
+    assert [b.attn.mask.sliding_window for b in blocks] == [WINDOW, 0, WINDOW, 0]  # the pattern by layer index
+    scanned = model_for(cfg)
+    assert scanned.layers.lead is not None and not scanned.layers.lead.blocks[0].moe
+    assert scanned.layers.groups.blocks[0].attn.mask.sliding_window == 0  # group 0 = layers 1, 2
+    (_, aux), _ = call(scanned, tokens())
+    assert aux["moe/expert_load_NE"].shape == (3, 4)  # the three MoE layers only
+    dense = num_params(abstract(cfg_with(cfg, moe=MoEConfig())))
+    assert num_params(abstract(cfg)) - dense == 3 * (D * 4 + 5 * 3 * D * 16 - 3 * D * cfg.ffn_dim)
+    all_moe = cfg_with(cfg, moe=dataclasses.replace(moe, first_dense_layers=0))
+    assert flops_per_token(cfg, L) > flops_per_token(all_moe, L)  # a dense d_ff layer costs more than 3 narrow experts
+    with pytest.raises(ConfigError, match="moe.first_dense_layers=4 leaves no MoE layer in a stack of 4"):
+        cfg_with(cfg, moe=dataclasses.replace(moe, first_dense_layers=4)).validate()
 
 
 def test_ring_attention_with_a_pattern_matches_one_device():

@@ -205,6 +205,41 @@ def test_route_matches_numpy(router, k):
         assert np.all(np.asarray(gate).sum(-1) < 1.0)
 
 
+@pytest.mark.parametrize("groups, top_groups, k", [(2, 1, 2), (4, 2, 3), (6, 3, 1)])
+def test_group_limited_routing_matches_numpy(groups, top_groups, k):
+    """DeepSeek-V2's group_limited_greedy: top-k of the softmax inside the token's best groups (by their best
+    expert), gates the unrenormalised probabilities times routed_scale."""
+    logits = np.random.default_rng(groups).normal(size=(3, 10, 12)) * 2
+    probs, idx, gate = moe_lib.route(jnp.asarray(logits, jnp.float32), "softmax_topk", k, groups=groups,
+                                     top_groups=top_groups, scale=2.5)
+    ref = np.exp(logits - logits.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+    for t in np.ndindex(logits.shape[:2]):
+        best = ref[t].reshape(groups, -1).max(-1)
+        allowed = np.repeat(np.isin(np.arange(groups), np.argsort(-best)[:top_groups]), 12 // groups)
+        want = np.argsort(-np.where(allowed, ref[t], -1.0), kind="stable")[:k]
+        assert np.asarray(idx)[t].tolist() == want.tolist(), t
+        np.testing.assert_allclose(np.asarray(gate)[t], 2.5 * ref[t][want], rtol=1e-5)
+    _, plain_idx, _ = moe_lib.route(jnp.asarray(logits, jnp.float32), "softmax_topk", k)
+    assert groups == 6 or not np.array_equal(np.asarray(plain_idx), np.asarray(idx))  # the limit changes choices
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(router_groups=3), "moe.num_experts=4 is not divisible by moe.router_groups=3"),
+    (dict(router_groups=2, router_top_groups=3), "moe.router_top_groups=3 must be in [1, moe.router_groups=2]"),
+    (dict(router_groups=2, top_k=3), "moe.top_k=3 exceeds the 2 experts of moe.router_top_groups=1 groups"),
+    (dict(router_groups=2, router="mixtral"), "moe.router_groups=2 is read by router='softmax_topk' only"),
+    (dict(router_top_groups=2), "moe.router_top_groups=2 needs moe.router_groups > 1"),
+    (dict(routed_scale=0.0), "moe.routed_scale=0.0 must be > 0"),
+    (dict(first_dense_layers=-1), "moe.first_dense_layers=-1 must be >= 0"),
+])
+def test_bad_deepseek_routing_options_fail_in_one_line(changes, expected):
+    with pytest.raises(ConfigError) as error:
+        MoEConfig(**{"num_experts": 4, "top_k": 2, **changes}).validate()
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
 def test_sigmoid_bias_changes_selection_not_gates():
     logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
     _, idx, gate = moe_lib.route(logits, "sigmoid_bias", 2, jnp.asarray([0.0, 0.0, 0.0, 5.0]))

@@ -61,6 +61,19 @@ def _np_yarn(d, theta, factor, orig, beta_fast, beta_slow):
     return np.array(out)
 
 
+def test_yarn_deepseek_mscales_set_the_rotation_factor_as_their_ratio():
+    m = lambda a: 0.1 * a * math.log(40.0) + 1
+    plain, default = rope_inv_freq(64, scaling="yarn", factor=40.0, original_max_len=4096)
+    inv, ratio = rope_inv_freq(64, scaling="yarn", factor=40.0, original_max_len=4096, yarn_mscale=1.0,
+                               yarn_mscale_all_dim=0.707)
+    np.testing.assert_array_equal(inv, plain)  # frequencies are YaRN's
+    assert math.isclose(default, m(1.0)) and math.isclose(ratio, m(1.0) / m(0.707), rel_tol=1e-12)
+    assert rope_inv_freq(64, scaling="yarn", factor=40.0, original_max_len=4096, yarn_mscale=0.707,
+                         yarn_mscale_all_dim=0.707)[1] == 1.0  # DeepSeek-V2(-Lite): no rotation factor
+    assert rope_inv_freq(64, scaling="yarn", factor=40.0, original_max_len=4096,
+                         yarn_mscale_all_dim=0.707)[1] == default  # one alone: YaRN's, as transformers reads it
+
+
 def test_inv_freq_yarn():
     d, factor, orig = 64, 8.0, 256
     inv, mscale = rope_inv_freq(d, scaling="yarn", factor=factor, original_max_len=orig)

@@ -203,7 +203,7 @@ def xla_flops_caveats(cfg: Config, mesh, platform: str) -> tuple[str, ...]:
     from transformer.train import target_len
 
     model, accum = cfg.model, cfg.optim.grad_accum_steps
-    groups = model.num_layers // model.layer_group_size
+    groups = (model.num_layers - model.lead_layers) // model.layer_group_size
     chunks = num_loss_chunks(cfg.data.global_batch_size // accum, target_len(cfg), cfg.loss_chunk_size) \
         if cfg.loss_chunk_size else 1
     ring = ring_size(mesh)

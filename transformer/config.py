@@ -72,10 +72,18 @@ class MoEConfig:
 
     num_experts: int = described(0, "experts per MoE layer; 0: dense MLPs everywhere")
     every_k_layers: int = described(1, "layer i is MoE when (i + 1) % every_k_layers == 0")
+    first_dense_layers: int = described(0, "the first N layers of a stack keep the dense MLP (DeepSeek's "
+                                        "first_k_dense_replace); they run unscanned before the scanned groups")
     top_k: int = described(2, "experts per token (expert_choice: sets the capacity)")
     router: str = described("softmax_topk", f"router: {', '.join(ROUTERS)}")
     capacity_factor: float = described(1.25, "an expert takes ceil(capacity_factor * L * top_k / E) tokens per row")
     dropless: bool = described(False, "no capacity: every assignment runs (ragged_dot); expert_choice ignores it")
+    routed_scale: float = described(1.0, "routed experts' gate weights are multiplied by this (DeepSeek's "
+                                    "routed_scaling_factor)")
+    router_groups: int = described(1, "softmax_topk: experts form this many equal groups; a token picks its top_k "
+                                   "only inside its router_top_groups best groups, ranked by their best expert "
+                                   "(DeepSeek-V2's group_limited_greedy); 1: no grouping")
+    router_top_groups: int = described(1, "groups a token may route into (with router_groups > 1)")
     num_shared_experts: int = described(0, "experts every token passes through besides its routed ones")
     d_ff_expert: int = described(0, "hidden size of each expert; 0: model.d_ff")
     load_balance_coef: float = described(1e-2, "coefficient of the Switch load-balancing loss")
@@ -97,11 +105,32 @@ class MoEConfig:
                f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
         if self.router == "switch":
             _check(self.top_k == 1, f"moe.top_k={self.top_k} must be 1 for router='switch'")
+        _check(self.first_dense_layers >= 0, f"moe.first_dense_layers={self.first_dense_layers} must be >= 0")
+        _check(self.routed_scale > 0, f"moe.routed_scale={self.routed_scale} must be > 0")
+        if self.router == "expert_choice":
+            _check(self.routed_scale == 1.0, f"moe.routed_scale={self.routed_scale} is not read by "
+                                             "router='expert_choice'; leave it at 1")
+        self._check_groups()
         _check(self.capacity_factor > 0, f"moe.capacity_factor={self.capacity_factor} must be > 0")
         _check(self.num_shared_experts >= 0, f"moe.num_shared_experts={self.num_shared_experts} must be >= 0")
         _check(self.d_ff_expert >= 0, f"moe.d_ff_expert={self.d_ff_expert} must be >= 0")
         for name in ("load_balance_coef", "router_z_loss_coef", "seq_balance_coef", "bias_update_rate"):
             _check(getattr(self, name) >= 0, f"moe.{name}={getattr(self, name)} must be >= 0")
+
+    def _check_groups(self) -> None:
+        groups, top = self.router_groups, self.router_top_groups
+        _check(groups >= 1, f"moe.router_groups={groups} must be >= 1")
+        if groups == 1:
+            _check(top == 1, f"moe.router_top_groups={top} needs moe.router_groups > 1")
+            return
+        _check(self.router == "softmax_topk", f"moe.router_groups={groups} is read by router='softmax_topk' only, "
+                                              f"not {self.router!r}")
+        _check(self.num_experts % groups == 0,
+               f"moe.num_experts={self.num_experts} is not divisible by moe.router_groups={groups}")
+        _check(1 <= top <= groups, f"moe.router_top_groups={top} must be in [1, moe.router_groups={groups}]")
+        _check(self.top_k <= top * (self.num_experts // groups),
+               f"moe.top_k={self.top_k} exceeds the {top * (self.num_experts // groups)} experts of "
+               f"moe.router_top_groups={top} groups")
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,11 @@ class ModelConfig:
     rope_scaling_factor: float = described(1.0, "target context / max_seq_len for rope_scaling (>= 1)")
     yarn_beta_fast: float = described(32.0, "YaRN: rotations above which a frequency is not interpolated")
     yarn_beta_slow: float = described(1.0, "YaRN: rotations below which a frequency is fully interpolated")
+    yarn_mscale: float = described(0.0, "DeepSeek's YaRN (with yarn_mscale_all_dim): q and k scale by "
+                                   "m(yarn_mscale) / m(yarn_mscale_all_dim), m(a) = 0.1 a ln(factor) + 1; "
+                                   "0: YaRN's m(1)")
+    yarn_mscale_all_dim: float = described(0.0, "DeepSeek's YaRN, mla only: scores scale by m(yarn_mscale_all_dim)^2 "
+                                           "besides 1/sqrt(width); 0: off")
     llama3_low_freq_factor: float = described(1.0, "llama3: wavelengths above max_seq_len / this are interpolated")
     llama3_high_freq_factor: float = described(4.0, "llama3: wavelengths below max_seq_len / this are kept")
     relative_buckets: int = described(32, "t5_bias: buckets of key - query offsets (bidirectional layers: half "
@@ -194,6 +228,12 @@ class ModelConfig:
         return 4 * self.d_model
 
     @property
+    def causal(self) -> bool:
+        """Whether the trained attention is causal (next-token decoders, the encoder-decoder's decoder); the
+        encoder-only model's is bidirectional."""
+        return self.architecture != "encoder"
+
+    @property
     def encoder_layers(self) -> int:
         return self.num_encoder_layers or self.num_layers
 
@@ -215,6 +255,11 @@ class ModelConfig:
         pattern's length, so every group holds the same blocks."""
         every_k = self.moe.every_k_layers if self.moe.num_experts else 1
         return math.lcm(every_k, len(self.attention_kinds) or 1)
+
+    @property
+    def lead_layers(self) -> int:
+        """Layers before the scanned groups (moe.first_dense_layers: dense, unlike the groups)."""
+        return self.moe.first_dense_layers if self.moe.num_experts else 0
 
     def validate(self) -> None:
         for name, value in vars(self).items():
@@ -265,9 +310,16 @@ class ModelConfig:
                    f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
         self._check_attention_pattern()
         self._check_latent_attention()
+        self._check_yarn_mscale()
         _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         self.moe.validate()
+        if self.moe.num_experts:
+            stack = min(self.num_layers, self.encoder_layers) if self.architecture == "encoder_decoder" \
+                else self.num_layers
+            _check(self.moe.first_dense_layers < stack,
+                   f"moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer in a stack of {stack}; "
+                   f"give fewer than {stack}, or set moe.num_experts=0 for a dense model")
 
     def _check_latent_attention(self) -> None:
         _one_of("model.attention", self.attention, ATTENTIONS)
@@ -284,15 +336,25 @@ class ModelConfig:
         _check(self.position == "rope", f"model.attention='mla' needs model.position='rope' (its decoupled RoPE key), "
                                         f"not {self.position!r}")
         _check(self.rope_dim % 2 == 0, f"model.qk_rope_head_dim={self.rope_dim} must be even (RoPE rotates pairs)")
-        _check(self.rope_scaling not in ("dynamic_ntk", "yarn"),
-               f"model.rope_scaling={self.rope_scaling!r} is not supported with model.attention='mla' (the cache keeps "
-               "rotated keys and the score scale is 1/sqrt(width)); use none, linear, ntk or llama3")
+        _check(self.rope_scaling != "dynamic_ntk",
+               "model.rope_scaling='dynamic_ntk' is not supported with model.attention='mla' (the latent cache keeps "
+               "rotated keys); use none, linear, ntk, yarn or llama3")
         _check(self.num_kv_heads == 0, f"model.num_kv_heads={self.num_kv_heads} means nothing with "
                                        "model.attention='mla' (keys/values come from one shared latent); set it to 0")
         _check(self.attention_bias == "none", f"model.attention_bias={self.attention_bias!r} is not supported with "
                                               "model.attention='mla'; set it to 'none'")
         _check(self.architecture != "encoder_decoder", "model.attention='mla' is not supported with "
                                                        "model.architecture='encoder_decoder' (cross-attention)")
+
+    def _check_yarn_mscale(self) -> None:
+        for name in ("yarn_mscale", "yarn_mscale_all_dim"):
+            value = getattr(self, name)
+            _check(value >= 0, f"model.{name}={value} must be >= 0")
+            _check(value == 0 or self.rope_scaling == "yarn",
+                   f"model.{name}={value} is read by model.rope_scaling='yarn' only, not {self.rope_scaling!r}")
+        _check(self.yarn_mscale_all_dim == 0 or self.attention == "mla",
+               f"model.yarn_mscale_all_dim={self.yarn_mscale_all_dim} (DeepSeek's score scale) is read by "
+               "model.attention='mla' only")
 
     def _check_attention_pattern(self) -> None:
         kinds = self.attention_kinds

@@ -158,7 +158,7 @@ def held_out_metrics(source, num_batches: int = 0, *, model_cfg: ModelConfig | N
 
     with sharding.use_mesh(loaded.mesh):
         result = train.evaluate_held_out(eval_step, loaded.graphdef, loaded.state, data, loaded.mesh, num_batches,
-                                         causal=cfg.model.architecture != "encoder")
+                                         causal=cfg.model.causal)
     loss = result["eval_loss"]
     return {"objective": cfg.objective, "batches": num_batches, "tokens": int(result["eval_tokens"]), "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)), "accuracy": result["eval_accuracy"]}

@@ -1,8 +1,10 @@
 """Low-rank adapters (LoRA) on a frozen base: y = x W (+ b) + (alpha / r) * dropout(x) A B.
 
 `add_adapters` attaches a `LoRA` module `<name>_lora` next to each chosen projection weight (attention q, k, v, o;
-MLP and MoE shared-expert gate, up, down; routed experts are not adapted) of a built model; `project` adds its
-output. A starts normal with std 1 / sqrt(fan-in) and B at zero, so at init the model is the base model exactly.
+with MLA q (or its up-projection with low-rank queries), the per-head key and value up-projections from the latent
+as k and v, and o; MLP and MoE shared-expert gate, up, down; routed experts are not adapted) of a built model;
+`project` adds its output. MLA's decode, which absorbs the key and value up-projections into the query and output,
+uses them with the adapter folded in (`adapted_weight`). A starts normal with std 1 / sqrt(fan-in) and B at zero, so at init the model is the base model exactly.
 Adapter weights are `LoRAParam`s (an nnx.Param subclass) with the logical axes of their projection (the input
 axes and a replicated rank axis for A, the rank and the output axes for B; a scanned stack's "layers" axis first),
 so they shard like it. Training differentiates and optimizes `LoRAParam`s only (`trainable`); the base params are
@@ -25,9 +27,11 @@ from flax import nnx
 
 from transformer.config import ConfigError, LoRAConfig
 
-# projection name -> weight attribute, per module kind (class name): the weights `project` is called with
+# projection name -> weight attribute (the first the module has), per module kind (class name): the weights
+# `project` is called with
 WEIGHTS = {
     "Attention": {"q": "q_DHW", "k": "k_DGW", "v": "v_DGW", "o": "o_HWD"},
+    "LatentAttention": {"q": ("q_DHW", "q_up_CHW"), "k": "k_up_CHN", "v": "v_up_CHV", "o": "o_HVD"},
     "MLP": {"gate": "gate_DF", "up": "up_DF", "down": "down_FD"},
     "MoE": {"gate": "shared_gate", "up": "shared_up", "down": "shared_down"},
 }
@@ -85,9 +89,11 @@ class LoRA(nnx.Module):
 def adapted_modules(model: nnx.Module):
     """(module, projection name, weight attribute) of every projection `add_adapters` can adapt."""
     for _, module in nnx.iter_graph(model):
-        for name, attribute in WEIGHTS.get(type(module).__name__, {}).items():
-            if getattr(module, attribute, None) is not None:
-                yield module, name, attribute
+        for name, attributes in WEIGHTS.get(type(module).__name__, {}).items():
+            present = [a for a in ((attributes,) if isinstance(attributes, str) else attributes)
+                       if getattr(module, a, None) is not None]
+            if present:
+                yield module, name, present[0]
 
 
 def add_adapters(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> int:
@@ -131,6 +137,19 @@ def without_base(state: nnx.State) -> nnx.State:
     return nnx.split_state(state, BASE, ...)[1]
 
 
+def adapted_weight(weight: jax.Array, adapter: LoRA | None, inputs: int, dtype) -> jax.Array:
+    """weight + alpha / r * A B in `dtype` (the weight as it is without an adapter); `inputs`: the leading weight
+    axes x contracts (after any stacked-layer axes)."""
+    if adapter is None:
+        return weight.astype(dtype)
+    a, b = adapter.a[...].astype(dtype), adapter.b[...].astype(dtype)
+    stack = a.ndim - 1 - inputs
+    letters = string.ascii_uppercase
+    s, i, o = letters[:stack], letters[stack:stack + inputs], letters[stack + inputs:weight.ndim]
+    delta = jnp.einsum(f"{s}{i}r,{s}r{o}->{s}{i}{o}", a, b) * jnp.asarray(adapter.scale, dtype)
+    return weight.astype(dtype) + delta
+
+
 def merge_adapters(model: nnx.Module) -> int:
     """Fold every adapter into its base weight (W += alpha / r * A B, in float32) and remove it; returns how many."""
     merged = 0
@@ -139,12 +158,7 @@ def merge_adapters(model: nnx.Module) -> int:
         if adapter is None:
             continue
         weight = getattr(module, attribute)
-        a, b = adapter.a[...].astype(jnp.float32), adapter.b[...].astype(jnp.float32)
-        stack = a.ndim - 1 - INPUT_AXES[name]
-        letters = string.ascii_uppercase
-        s, i, o = letters[:stack], letters[stack:stack + INPUT_AXES[name]], letters[stack + INPUT_AXES[name]:weight.ndim]
-        delta = jnp.einsum(f"{s}{i}r,{s}r{o}->{s}{i}{o}", a, b) * adapter.scale
-        weight[...] = (weight[...].astype(jnp.float32) + delta).astype(weight.dtype)
+        weight[...] = adapted_weight(weight[...], adapter, INPUT_AXES[name], jnp.float32).astype(weight.dtype)
         delattr(module, f"{name}_lora")
         merged += 1
     return merged

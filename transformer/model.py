@@ -7,8 +7,9 @@ holds the same MoE and dense blocks with the same windows and all groups are ide
 `scan_layers` the groups are created by `nnx.vmap` (params get a leading "layers" axis) and applied by
 `jax.lax.scan` over split/merged group states; otherwise they are an `nnx.List` applied in a Python loop.
 Both paths run the same (optionally rematerialised) group step, so for equal params they compute the same
-function. Layers left over when num_layers is not a multiple of the group size follow the groups
-unscanned, continuing the MoE and attention patterns.
+function. The `moe.first_dense_layers` (DeepSeek's dense first layers) come before the groups as one unscanned
+`lead` group, and the groups start after them; layers left over when the rest is not a multiple of the group
+size follow the groups unscanned, continuing the MoE and attention patterns.
 
 Non-Param state (the MoE `RouterBias`) written inside the step comes back through the scan
 outputs and, with `update_router_bias=True`, is written into the model (in place); otherwise the
@@ -30,7 +31,7 @@ from transformer import sharding
 from transformer.config import ARCHITECTURES, REMAT_POLICIES, ConfigError, ModelConfig
 from transformer.inference.cache import KV, KVCache, plan_write
 from transformer.layers import latent_attention
-from transformer.layers.block import LayerGroup
+from transformer.layers.block import LayerGroup, is_moe_layer
 from transformer.layers.embed import Embed, check_tokens
 from transformer.layers.moe import expert_capacity
 from transformer.layers.norms import make_norm
@@ -73,8 +74,8 @@ class LayerStack(nnx.Module):
     layer with the other per-call context."""
 
     def __init__(self, cfg: ModelConfig, *, num_layers: int, causal: bool, cross: bool = False, rngs: nnx.Rngs):
-        size = cfg.layer_group_size
-        num_groups, leftover = divmod(num_layers, size)
+        size, lead = cfg.layer_group_size, cfg.lead_layers
+        num_groups, leftover = divmod(num_layers - lead, size)
         self.scan = cfg.scan_layers
         self.remat = cfg.remat
         self.group_size = size
@@ -87,15 +88,16 @@ class LayerStack(nnx.Module):
             return LayerGroup(cfg, first_layer=first_layer, size=group_size, num_layers=num_layers, causal=causal,
                               cross=cross, rngs=group_rngs)
 
+        self.lead = make(0, lead, rngs) if lead else None
         if num_groups == 0:
             self.groups = None
         elif self.scan:
-            create = nnx.vmap(lambda key: make(0, size, nnx.Rngs(params=key)), in_axes=0, out_axes=0)
+            create = nnx.vmap(lambda key: make(lead, size, nnx.Rngs(params=key)), in_axes=0, out_axes=0)
             self.groups = create(jax.random.split(rngs.params(), num_groups))
             _add_layers_axis(self.groups)
         else:
-            self.groups = nnx.List([make(g * size, size, rngs) for g in range(num_groups)])
-        self.leftover = make(num_groups * size, leftover, rngs) if leftover else None
+            self.groups = nnx.List([make(lead + g * size, size, rngs) for g in range(num_groups)])
+        self.leftover = make(lead + num_groups * size, leftover, rngs) if leftover else None
 
     def _apply(self, group, x_BLD, **step_options):
         graphdef, params, rest = nnx.split(group, nnx.Param, ...)
@@ -113,6 +115,9 @@ class LayerStack(nnx.Module):
     def __call__(self, x_BLD: jax.Array, *, update_router_bias: bool = False, **context) -> tuple[jax.Array, dict]:
         options = dict(update_router_bias=update_router_bias, context=self._with_bias(context))
         stats = []  # per group, each MoE block's stats stacked on a leading axis
+        if self.lead is not None:
+            x_BLD, aux = self._apply(self.lead, x_BLD, **options)
+            stats.append(aux)
         if self.groups is not None and self.scan:
             graphdef, params, rest = nnx.split(self.groups, nnx.Param, ...)
             step = _group_step(graphdef, remat=self.remat, scanned=True, **options)
@@ -140,25 +145,27 @@ class LayerStack(nnx.Module):
         """Every block's `extend` in order, carrying the stacked caches (kv, cross; see inference.cache), which
         the scan updates in place: (x_BLD, kv, cross)."""
         kwargs = self._with_bias(kwargs)
+        done = 0
+        if self.lead is not None:
+            x_BLD, kv, cross = self.lead.extend(x_BLD, kv, cross, 0, write, **kwargs)
+            done = len(self.lead.blocks)
         if self.groups is not None and self.scan:
             graphdef, state = nnx.split(self.groups)
-            size = self.group_size
+            size, lead = self.group_size, done
 
             def body(carry, layer):
                 x_BLD, kv, cross = carry
                 group_state, index = layer
-                return nnx.merge(graphdef, group_state).extend(x_BLD, kv, cross, index * size, write, **kwargs), None
+                return nnx.merge(graphdef, group_state).extend(x_BLD, kv, cross, lead + index * size, write,
+                                                               **kwargs), None
 
             num_groups = jax.tree.leaves(state)[0].shape[0]
             (x_BLD, kv, cross), _ = jax.lax.scan(body, (x_BLD, kv, cross), (state, jnp.arange(num_groups)))
-            done = num_groups * size
+            done += num_groups * size
         elif self.groups is not None:
-            done = 0
             for group in self.groups:
                 x_BLD, kv, cross = group.extend(x_BLD, kv, cross, done, write, **kwargs)
                 done += len(group.blocks)
-        else:
-            done = 0
         if self.leftover is not None:
             x_BLD, kv, cross = self.leftover.extend(x_BLD, kv, cross, done, write, **kwargs)
         return x_BLD, kv, cross
@@ -358,7 +365,7 @@ def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool, experts: f
 
 
 def _moe_layers(cfg: ModelConfig, num_layers: int) -> int:
-    return num_layers // cfg.moe.every_k_layers if cfg.moe.num_experts else 0
+    return sum(is_moe_layer(cfg, layer) for layer in range(num_layers))
 
 
 def _stack_matmul_params(cfg: ModelConfig, num_layers: int, *, cross: bool, experts: float) -> float:

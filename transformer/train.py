@@ -397,7 +397,7 @@ class Loop:
         self.started = started
         self.train_step = jit_train_step(cfg, shardings)
         self.eval_step = jax.jit(make_eval_step(cfg), static_argnums=0)
-        self.causal = cfg.model.architecture != "encoder"
+        self.causal = cfg.model.causal
         self.tokens_per_step, self.flops_per_token = step_work(cfg)
         self.times = StepTimes()
         process = f"process{jax.process_index()}" if jax.process_count() > 1 else ""

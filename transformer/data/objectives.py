@@ -144,12 +144,17 @@ def noise_mask(layout: SpanLayout, rng: np.random.Generator) -> np.ndarray:
     return np.repeat(np.tile([False, True], layout.num_spans), np.stack([kept, noise], axis=1).reshape(-1))
 
 
+def sentinel(vocab_size: int, i):
+    """T5 sentinel i (an int or an array of them): vocab_size - 1 - i, from the top of the vocabulary (as ByT5)."""
+    return vocab_size - 1 - i
+
+
 def corrupt_spans(tokens: np.ndarray, is_noise: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """T5's (source, target): the source is the tokens with noise span i replaced by sentinel i
     (vocab_size - 1 - i), then EOS; the target is each sentinel followed by its span's tokens, then EOS."""
     starts = is_noise & ~np.concatenate([[False], is_noise[:-1]])
-    source = np.where(starts, vocab_size - np.cumsum(starts), tokens)[~is_noise | starts]
-    sentinels = vocab_size - 1 - np.arange(starts.sum())
+    source = np.where(starts, sentinel(vocab_size, np.cumsum(starts) - 1), tokens)[~is_noise | starts]
+    sentinels = sentinel(vocab_size, np.arange(starts.sum()))
     target = np.insert(tokens[is_noise], (np.cumsum(is_noise) - 1)[starts], sentinels)
     return np.append(source, EOS).astype(np.int32), np.append(target, EOS).astype(np.int32)
 
@@ -161,7 +166,7 @@ def reconstruct(source: np.ndarray, target: np.ndarray, vocab_size: int) -> np.n
         raise ValueError("reconstruct needs a source and a target that each end in EOS (padding removed)")
     spans: list[list[int]] = []
     for token in target[:-1].tolist():
-        if token == vocab_size - 1 - len(spans):
+        if token == sentinel(vocab_size, len(spans)):
             spans.append([])
         elif not spans:
             raise ValueError(f"the target starts with {token}, not sentinel 0 = {vocab_size - 1}")
@@ -169,7 +174,7 @@ def reconstruct(source: np.ndarray, target: np.ndarray, vocab_size: int) -> np.n
             spans[-1].append(token)
     tokens, used = [], 0
     for token in source[:-1].tolist():
-        if used < len(spans) and token == vocab_size - 1 - used:
+        if used < len(spans) and token == sentinel(vocab_size, used):
             tokens += spans[used]
             used += 1
         else:

@@ -3,8 +3,10 @@
 Llama (1-3, with linear / dynamic / YaRN / llama3 RoPE scaling; attention_bias and mlp_bias), Mistral
 (sliding window), Mixtral (top-k experts, softmax over the chosen logits, no capacity drops), Qwen2 (q/k/v
 biases; its sliding window on the layers from max_window_layers on, or as `layer_types` says, becomes
-model.attention_pattern) and GPT-2 (learned absolute positions, LayerNorm, biases on every projection, tanh
-GELU, tied output). A config.json option the library cannot compute (an unknown `model_type`, another
+model.attention_pattern), GPT-2 (learned absolute positions, LayerNorm, biases on every projection, tanh
+GELU, tied output) and DeepSeek-V2 / V2-Lite (model.attention="mla"; dense first_k_dense_replace layers, then
+softmax top-k experts, greedy or group-limited, gates times routed_scaling_factor, plus shared experts; YaRN
+with DeepSeek's mscale / mscale_all_dim). A config.json option the library cannot compute (an unknown `model_type`, another
 activation, router noise, GPT-2's per-layer score scaling, ...) is refused with a ConfigError naming the
 field. Keys that do not change the function (token ids, `use_cache`, GPT-2's dropout rates, ...) are kept
 in the run directory and written back on export, so an import/export round trip returns the same
@@ -13,17 +15,17 @@ config.json.
 
 from __future__ import annotations
 
-import math
-
 from transformer.config import ConfigError, ModelConfig, MoEConfig
+from transformer.ops import positions as pos_ops
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+            "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "deepseek_v2": "DeepseekV2ForCausalLM"}
 NOT_YET = {  # families whose options the library does not have yet
-    "deepseek_v2": ("multi-head latent attention weights mapped onto model.attention='mla' (the layer exists) with "
-                    "DeepSeek's MoE layout (first_k_dense_replace, group-limited routing), YaRN mscale and "
-                    "interleaved RoPE"),
+    "deepseek_v3": ("its router (sigmoid scores, groups ranked by the sum of their two best experts, "
+                    "e_score_correction_bias) and multi-token-prediction layers"),
 }
+_DEEPSEEK_LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV2 q_a / kv_a norms use it whatever rms_norm_eps says
+_DEEPSEEK_TOPK = {"greedy", "group_limited_greedy"}
 _ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
 _UNSUPPORTED_IF_TRUE = ("use_qk_norm", "qk_layernorm")
 _UNSUPPORTED_IF_NONZERO = ("attention_dropout", "hidden_dropout", "router_jitter_noise")
@@ -36,9 +38,14 @@ def _refuse(field: str, value, why: str) -> ConfigError:
     return ConfigError(f"config.json {field}={value!r}: {why}")
 
 
-def _rope(hf: dict) -> dict:
-    """ModelConfig RoPE fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+def _rope_params(hf: dict) -> dict:
+    return {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+
+
+def _rope(hf: dict, *, deepseek: bool = False) -> dict:
+    """ModelConfig RoPE fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x);
+    `deepseek` reads DeepSeek's YaRN mscale / mscale_all_dim."""
+    params = _rope_params(hf)
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in _ROPE_TYPES:
@@ -50,14 +57,21 @@ def _rope(hf: dict) -> dict:
     fields["rope_scaling_factor"] = float(params["factor"])
     if kind in ("yarn", "llama3"):
         fields["max_seq_len"] = int(params.get("original_max_position_embeddings") or max_len)
+    for key in ("mscale", "mscale_all_dim"):
+        if params.get(key) and not (deepseek and kind == "yarn"):
+            raise _refuse(f"rope_scaling.{key}", params[key], "DeepSeek's YaRN variant is read for deepseek_v2 "
+                                                              "with rope_type 'yarn' only")
+    if params.get("truncate", True) is not True:
+        raise _refuse("rope_scaling.truncate", params["truncate"], "the library truncates YaRN's correction range")
     if kind == "yarn":
-        for key in ("mscale", "mscale_all_dim"):
-            if params.get(key):
-                raise _refuse(f"rope_scaling.{key}", params[key], "DeepSeek's YaRN variant is not computed")
-        default_factor = 0.1 * math.log(fields["rope_scaling_factor"]) + 1.0
+        mscale, mscale_all_dim = float(params.get("mscale") or 0.0), float(params.get("mscale_all_dim") or 0.0)
+        fields.update(yarn_mscale=mscale, yarn_mscale_all_dim=mscale_all_dim)
+        default_factor = pos_ops.rope_inv_freq(2, scaling="yarn", factor=fields["rope_scaling_factor"],
+                                               original_max_len=fields["max_seq_len"], yarn_mscale=mscale,
+                                               yarn_mscale_all_dim=mscale_all_dim)[1]
         if params.get("attention_factor") not in (None, default_factor):
             raise _refuse("rope_scaling.attention_factor", params["attention_factor"],
-                          f"the library uses YaRN's 0.1 ln(factor) + 1 = {default_factor}")
+                          f"the library computes {default_factor} from factor (and DeepSeek's mscales)")
         fields["yarn_beta_fast"] = float(params.get("beta_fast", 32.0))
         fields["yarn_beta_slow"] = float(params.get("beta_slow", 1.0))
     if kind == "llama3":
@@ -128,6 +142,71 @@ def _llama_like(hf: dict, model_type: str) -> ModelConfig:
         init_std=float(hf.get("initializer_range", 0.02)), moe=moe, **windows, **_rope(hf))
 
 
+def _deepseek_moe(hf: dict, layers: int) -> MoEConfig:
+    """MoEConfig of a deepseek_v2 config.json: dense (no experts) when first_k_dense_replace covers every layer."""
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    if first_dense >= layers:
+        return MoEConfig()
+    if int(hf.get("moe_layer_freq", 1)) != 1:
+        raise _refuse("moe_layer_freq", hf["moe_layer_freq"], "the library reads 1 (every layer after "
+                                                              "first_k_dense_replace is MoE, as transformers builds)")
+    if hf.get("norm_topk_prob"):
+        raise _refuse("norm_topk_prob", hf["norm_topk_prob"], "transformers' DeepseekV2 ignores it while DeepSeek's "
+                                                              "own code renormalises the gates; the library refuses "
+                                                              "to guess (V2 and V2-Lite have false)")
+    if hf.get("scoring_func", "softmax") != "softmax":
+        raise _refuse("scoring_func", hf["scoring_func"], "DeepSeek-V2 routes by softmax")
+    method = hf.get("topk_method", "greedy")
+    if method not in _DEEPSEEK_TOPK:
+        raise _refuse("topk_method", method, f"the library computes {', '.join(sorted(_DEEPSEEK_TOPK))}")
+    grouped = method == "group_limited_greedy"
+    coef = float(hf.get("aux_loss_alpha") or 0.0)
+    seq_aux = bool(hf.get("seq_aux", True))
+    return MoEConfig(num_experts=int(hf.get("n_routed_experts") or hf.get("num_experts") or 0),
+                     top_k=int(hf["num_experts_per_tok"]), router="softmax_topk", dropless=True,
+                     first_dense_layers=first_dense, num_shared_experts=int(hf.get("n_shared_experts") or 0),
+                     d_ff_expert=int(hf["moe_intermediate_size"]),
+                     routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                     router_groups=int(hf.get("n_group") or 1) if grouped else 1,
+                     router_top_groups=int(hf.get("topk_group") or 1) if grouped else 1,
+                     load_balance_coef=0.0 if seq_aux else coef, seq_balance_coef=coef if seq_aux else 0.0,
+                     router_z_loss_coef=0.0)
+
+
+def _deepseek_v2(hf: dict) -> ModelConfig:
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise _refuse(key, hf[key], "the library's MLA and DeepSeek experts have no biases")
+    for key in _UNSUPPORTED_IF_NONZERO:
+        if hf.get(key):
+            raise _refuse(key, hf[key], "must be 0 (the library has no such noise or dropout)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _refuse("hidden_act", hf["hidden_act"], "DeepSeek's MLPs are SwiGLU ('silu')")
+    heads = int(hf["num_attention_heads"])
+    if int(hf.get("num_key_value_heads") or heads) != heads:
+        raise _refuse("num_key_value_heads", hf["num_key_value_heads"], f"MLA expands the latent into every head; "
+                                                                        f"give num_attention_heads={heads}")
+    eps = float(hf.get("rms_norm_eps", 1e-6))
+    if eps != _DEEPSEEK_LATENT_NORM_EPS:
+        raise _refuse("rms_norm_eps", eps, f"transformers' DeepseekV2 normalises the q/kv latents with eps "
+                                           f"{_DEEPSEEK_LATENT_NORM_EPS} whatever this says; the library uses one "
+                                           f"model.norm_eps for every norm, so it reads only {_DEEPSEEK_LATENT_NORM_EPS}")
+    layers = int(hf["num_hidden_layers"])
+    rope = _rope(hf, deepseek=True)
+    if rope["rope_scaling"] == "dynamic_ntk":
+        raise _refuse("rope_scaling.rope_type", "dynamic", "MLA's latent cache keeps rotated keys")
+    if _rope_params(hf).get("mscale_all_dim") and rope["rope_scaling"] != "yarn":
+        raise _refuse("rope_scaling.mscale_all_dim", _rope_params(hf)["mscale_all_dim"], "read with YaRN only")
+    return ModelConfig(
+        architecture="decoder", vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), num_layers=layers,
+        num_heads=heads, d_ff=int(hf["intermediate_size"]), activation="swiglu", norm="rmsnorm", norm_position="pre",
+        norm_eps=eps, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), position="rope",
+        init_std=float(hf.get("initializer_range", 0.02)), attention="mla", kv_lora_rank=int(hf["kv_lora_rank"]),
+        q_lora_rank=int(hf.get("q_lora_rank") or 0), qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]),
+        moe=_deepseek_moe(hf, layers), **rope)
+
+
 def _gpt2(hf: dict) -> ModelConfig:
     for key in _GPT2_UNSUPPORTED_IF_TRUE:
         if hf.get(key):
@@ -155,7 +234,8 @@ def model_config(hf: dict) -> ModelConfig:
         raise _refuse("model_type", model_type, f"needs {NOT_YET[model_type]}, which the library does not have yet")
     if model_type not in FAMILIES:
         raise _refuse("model_type", model_type, f"supported: {', '.join(FAMILIES)}")
-    cfg = _gpt2(hf) if model_type == "gpt2" else _llama_like(hf, model_type)
+    build = {"gpt2": _gpt2, "deepseek_v2": _deepseek_v2}.get(model_type)
+    cfg = build(hf) if build else _llama_like(hf, model_type)
     cfg.validate()
     return cfg
 
@@ -170,10 +250,18 @@ def family(cfg: ModelConfig) -> str:
     """The HF model_type that computes `cfg` (ConfigError naming the field otherwise)."""
     from transformer.layers.embed import embed_multiplier
 
-    _require(cfg, "an HF family", architecture="decoder", norm_position="pre", attention="mha")
+    _require(cfg, "an HF family", architecture="decoder", norm_position="pre")
     if embed_multiplier(cfg) != 1.0:
         raise ConfigError(f"model.embed_scale={cfg.embed_scale!r} scales the token embedding; the HF families "
                           "need 'none'")
+    if cfg.attention == "mla":
+        _require(cfg, "DeepSeek-V2", norm="rmsnorm", activation="swiglu", mlp_bias=False, sliding_window=0,
+                 norm_eps=_DEEPSEEK_LATENT_NORM_EPS)
+        moe = cfg.moe
+        if moe.num_experts and (moe.router != "softmax_topk" or moe.every_k_layers != 1):
+            raise ConfigError(f"model.moe (router={moe.router!r}, every_k_layers={moe.every_k_layers}): DeepSeek-V2 "
+                              "needs router='softmax_topk' and every layer after moe.first_dense_layers MoE")
+        return "deepseek_v2"
     if cfg.position == "learned":
         _require(cfg, "GPT-2", norm="layernorm", attention_bias="all", mlp_bias=True, kv_heads=cfg.num_heads,
                  dim_per_head=cfg.d_model // cfg.num_heads, sliding_window=0)
@@ -238,6 +326,8 @@ def hf_config(cfg: ModelConfig, *, saved: dict | None = None, torch_dtype: str |
                initializer_range=cfg.init_std)
     if model_type == "gpt2":
         out.update(_gpt2_keys(cfg, out))
+    elif model_type == "deepseek_v2":
+        out.update(_deepseek_keys(cfg, out))
     else:
         out.update(_llama_like_keys(cfg, out, model_type))
     if torch_dtype:
@@ -274,6 +364,15 @@ def _llama_like_keys(cfg: ModelConfig, out: dict, model_type: str) -> dict:
     if model_type == "mixtral":
         keys.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
                     router_aux_loss_coef=cfg.moe.load_balance_coef)
+    return keys | _rope_keys(cfg, out)
+
+
+def _rope_keys(cfg: ModelConfig, out: dict) -> dict:
+    """RoPE keys in the saved config's format (transformers 5 rope_parameters, or rope_theta + rope_scaling),
+    DeepSeek's mscales included; max_position_embeddings when the saved config has none."""
+    keys = {}
+    mscales = {"mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim}
+    saved = {k: v for k, v in (out.get("rope_parameters") or out.get("rope_scaling") or {}).items() if k not in mscales}
     rope = {"rope_type": {v: k for k, v in _ROPE_TYPES.items()}[cfg.rope_scaling], "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling != "none":
         rope["factor"] = cfg.rope_scaling_factor
@@ -281,14 +380,36 @@ def _llama_like_keys(cfg: ModelConfig, out: dict, model_type: str) -> dict:
         rope["original_max_position_embeddings"] = cfg.max_seq_len
     if cfg.rope_scaling == "yarn":
         rope.update(beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow)
+        rope.update({k: v for k, v in mscales.items() if v})
     if cfg.rope_scaling == "llama3":
         rope.update(low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor)
     if "rope_parameters" in out:
-        keys["rope_parameters"] = {**out["rope_parameters"], **rope}
+        keys["rope_parameters"] = {**saved, **rope}
     else:
         keys["rope_theta"] = rope.pop("rope_theta")
-        keys["rope_scaling"] = None if cfg.rope_scaling == "none" else {**(out.get("rope_scaling") or {}), **rope}
+        keys["rope_scaling"] = None if cfg.rope_scaling == "none" else {**saved, **rope}
     if "max_position_embeddings" not in out:
         extended = cfg.rope_scaling in ("yarn", "llama3")
         keys["max_position_embeddings"] = int(cfg.max_seq_len * (cfg.rope_scaling_factor if extended else 1))
     return keys
+
+
+def _deepseek_keys(cfg: ModelConfig, out: dict) -> dict:
+    moe = cfg.moe
+    keys = dict(hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, hidden_act="silu",
+                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, kv_lora_rank=cfg.kv_lora_rank,
+                q_lora_rank=cfg.q_lora_rank or None, qk_nope_head_dim=cfg.nope_dim, qk_rope_head_dim=cfg.rope_dim,
+                v_head_dim=cfg.value_dim, attention_bias=False)
+    if not moe.num_experts:
+        return keys | _rope_keys(cfg, out) | dict(first_k_dense_replace=cfg.num_layers)
+    grouped = moe.router_groups > 1
+    keys.update(first_k_dense_replace=moe.first_dense_layers, moe_layer_freq=1, n_routed_experts=moe.num_experts,
+                num_experts_per_tok=moe.top_k, n_shared_experts=moe.num_shared_experts,
+                moe_intermediate_size=moe.d_ff_expert or cfg.ffn_dim, routed_scaling_factor=moe.routed_scale,
+                topk_method="group_limited_greedy" if grouped else "greedy", norm_topk_prob=False,
+                scoring_func="softmax", aux_loss_alpha=moe.seq_balance_coef or moe.load_balance_coef,
+                seq_aux=bool(moe.seq_balance_coef) or not moe.load_balance_coef)
+    if grouped or "n_group" in out:
+        keys.update(n_group=moe.router_groups, topk_group=moe.router_top_groups)
+    return keys | _rope_keys(cfg, out)

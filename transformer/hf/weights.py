@@ -7,6 +7,14 @@ experts.{e}.w1/w3/w2 (gate, up, down) are stacked on a leading expert axis. Bias
 them (q/k/v: H W head-major, like the library's). RoPE needs no permutation (both rotate halves), RMSNorm
 weights are the scales as they are.
 
+DeepSeek-V2: the MLA projections (q_proj, or q_a_proj + q_a_layernorm + q_b_proj; kv_a_proj_with_mqa,
+kv_a_layernorm, kv_b_proj, o_proj) map onto `layers.latent_attention`'s leaves with the same transposes and head
+splits; kv_b_proj's per-head rows [k_nope (N), value (V)] split into k_up and v_up. DeepSeek rotates interleaved
+pairs (2j, 2j + 1), the library halves (j, j + R/2), so the RoPE rows of the queries and of the shared key are
+reordered (evens, then odds) on import and back on export: the scores are unchanged. The first
+first_k_dense_replace layers have the dense mlp.*_proj, the rest mlp.gate (the router), mlp.experts.{e}.* and
+mlp.shared_experts.*.
+
 GPT-2: Conv1D weights are stored (in, out) already, so nothing is transposed: the fused c_attn (D, 3 D) and
 its bias are split into q, k, v (and joined again on export), c_proj / c_fc / mlp.c_proj are reshaped or
 taken as they are; wpe is the learned position table, ln_* are LayerNorm scales and biases. Hub checkpoints
@@ -47,6 +55,7 @@ class Tensor:
     names: Callable[[int], list[str]]
     to_lib: Callable[[list], list]
     to_hf: Callable[[list], list]
+    in_layer: Callable[[int], bool] = lambda i: True  # per-layer tensors: which layers have it
 
 
 def _one(path, name, to_lib, to_hf):
@@ -112,6 +121,69 @@ def _llama_like_map(cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
     return top, layer
 
 
+def _rope_halves(x, start: int):
+    """x with its last-axis entries from `start` on reordered from interleaved pairs to halves (evens, odds)."""
+    width = x.shape[-1] - start
+    return x[..., np.concatenate([np.arange(start), start + np.arange(0, width, 2), start + np.arange(1, width, 2)])]
+
+
+def _rope_pairs(x, start: int):
+    """The inverse of `_rope_halves`."""
+    width = x.shape[-1] - start
+    return x[..., np.concatenate([np.arange(start), start + np.argsort(np.r_[np.arange(0, width, 2),
+                                                                              np.arange(1, width, 2)])])]
+
+
+def _deepseek_map(cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
+    from transformer.layers.block import is_moe_layer
+
+    D, H, C, Cq = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    N, R, V, E = cfg.nope_dim, cfg.rope_dim, cfg.value_dim, cfg.moe.num_experts
+    top = [_as_is(("embed", "tokens_VD"), "model.embed_tokens.weight"),
+           _as_is(("final_norm", "scale"), "model.norm.weight")]
+    if not cfg.tie_embeddings:
+        top.append(_transposed(("embed", "unembed_DV"), "lm_head.weight"))
+    p = "model.layers.{i}."
+    a = p + "self_attn."
+
+    def queries(path, name, rows):
+        return _one(path, name, lambda w: _rope_halves(w.T.reshape(rows, H, N + R), N),
+                    lambda x: _rope_pairs(x, N).reshape(rows, H * (N + R)).T)
+
+    if Cq:
+        layer = [_transposed(("attn", "q_down_DC"), a + "q_a_proj.weight"),
+                 _as_is(("attn", "q_norm", "scale"), a + "q_a_layernorm.weight"),
+                 queries(("attn", "q_up_CHW"), a + "q_b_proj.weight", Cq)]
+    else:
+        layer = [queries(("attn", "q_DHW"), a + "q_proj.weight", D)]
+    layer += [
+        _one(("attn", "kv_down_DC"), a + "kv_a_proj_with_mqa.weight", lambda w: _rope_halves(w.T, C),
+             lambda x: _rope_pairs(x, C).T),
+        _as_is(("attn", "kv_norm", "scale"), a + "kv_a_layernorm.weight"),
+        _fused([("attn", "k_up_CHN"), ("attn", "v_up_CHV")], a + "kv_b_proj.weight",
+               lambda w: (lambda x: [x[..., :N], x[..., N:]])(w.T.reshape(C, H, N + V)),
+               lambda xs: jnp.concatenate(xs, axis=-1).reshape(C, H * (N + V)).T),
+        _one(("attn", "o_HVD"), a + "o_proj.weight", lambda w: w.T.reshape(H, V, D), lambda x: x.reshape(H * V, D).T),
+        _as_is(("attn_norm", "scale"), p + "input_layernorm.weight"),
+        _as_is(("ffn_norm", "scale"), p + "post_attention_layernorm.weight"),
+    ]
+    m = p + "mlp."
+    dense = lambda i: not is_moe_layer(cfg, i)
+    moe = lambda i: is_moe_layer(cfg, i)
+    for leaf, proj in (("gate_DF", "gate_proj"), ("up_DF", "up_proj"), ("down_FD", "down_proj")):
+        layer.append(dataclasses.replace(_transposed(("ffn", leaf), m + f"{proj}.weight"), in_layer=dense))
+    if E:
+        layer.append(dataclasses.replace(_transposed(("ffn", "router_w"), m + "gate.weight"), in_layer=moe))
+        for leaf, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            layer.append(dataclasses.replace(_experts(("ffn", leaf), m + "experts.{e}." + proj + ".weight", E),
+                                             in_layer=moe))
+    if E and cfg.moe.num_shared_experts:
+        for leaf, proj in (("shared_gate", "gate_proj"), ("shared_up", "up_proj"), ("shared_down", "down_proj")):
+            layer.append(dataclasses.replace(_transposed(("ffn", leaf), m + f"shared_experts.{proj}.weight"),
+                                             in_layer=moe))
+    return top, layer
+
+
 def _gpt2_map(cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
     D, H, W = cfg.d_model, cfg.num_heads, cfg.dim_per_head
     t = _GPT2_PREFIX
@@ -141,16 +213,18 @@ def _is_gpt2(cfg: ModelConfig) -> bool:
 
 
 def tensor_map(cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
-    """(model-level tensors, per-layer tensors) of cfg's layout: GPT-2's with learned positions, else Llama's
-    (with Mixtral's experts, and the biases cfg has)."""
+    """(model-level tensors, per-layer tensors) of cfg's layout: GPT-2's with learned positions, DeepSeek-V2's
+    with MLA, else Llama's (with Mixtral's experts, and the biases cfg has)."""
+    if cfg.attention == "mla":
+        return _deepseek_map(cfg)
     return _gpt2_map(cfg) if _is_gpt2(cfg) else _llama_like_map(cfg)
 
 
 def layer_slots(cfg: ModelConfig) -> list[tuple[tuple, int | None]]:
     """For each layer i: (path of its block in the model state, index on the stacked "layers" axis or None)."""
-    size = cfg.layer_group_size
-    groups, leftover = divmod(cfg.num_layers, size)
-    slots = []
+    size, lead = cfg.layer_group_size, cfg.lead_layers
+    groups, leftover = divmod(cfg.num_layers - lead, size)
+    slots = [(("layers", "lead", "blocks", b), None) for b in range(lead)]
     for i in range(groups * size):
         g, b = divmod(i, size)
         slots.append((("layers", "groups", "blocks", b), g) if cfg.scan_layers
@@ -165,7 +239,8 @@ def _instances(cfg: ModelConfig) -> Iterator[tuple[Tensor, int, list[tuple[tuple
         yield t, 0, [(path, None) for path in t.paths]
     for i, (prefix, index) in enumerate(layer_slots(cfg)):
         for t in per_layer:
-            yield t, i, [(prefix + path, index) for path in t.paths]
+            if t.in_layer(i):
+                yield t, i, [(prefix + path, index) for path in t.paths]
 
 
 @dataclasses.dataclass(frozen=True)

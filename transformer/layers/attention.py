@@ -45,7 +45,8 @@ def rope_tables(cfg: ModelConfig, seq_len: int):
         cfg.rope_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
         original_max_len=cfg.max_seq_len, seq_len=seq_len, beta_fast=cfg.yarn_beta_fast,
         beta_slow=cfg.yarn_beta_slow, low_freq_factor=cfg.llama3_low_freq_factor,
-        high_freq_factor=cfg.llama3_high_freq_factor)
+        high_freq_factor=cfg.llama3_high_freq_factor, yarn_mscale=cfg.yarn_mscale,
+        yarn_mscale_all_dim=cfg.yarn_mscale_all_dim)
 
 
 def rope_frequencies(cfg: ModelConfig, lengths_B: jax.Array):

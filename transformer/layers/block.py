@@ -23,8 +23,10 @@ _ACT = ("batch", "length", "embed")
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    """Whether layer `layer` of a stack has the MoE FFN: (layer + 1) % moe.every_k_layers == 0."""
-    return cfg.moe.num_experts > 0 and (layer + 1) % cfg.moe.every_k_layers == 0
+    """Whether layer `layer` of a stack has the MoE FFN: (layer + 1) % moe.every_k_layers == 0, past the
+    moe.first_dense_layers."""
+    return (cfg.moe.num_experts > 0 and layer >= cfg.moe.first_dense_layers
+            and (layer + 1) % cfg.moe.every_k_layers == 0)
 
 
 class Block(nnx.Module):
@@ -102,7 +104,7 @@ class Block(nnx.Module):
 
 class LayerGroup(nnx.Module):
     """`size` consecutive blocks, layers first_layer .. first_layer + size - 1 of the stack. Scanned groups
-    start at a multiple of `ModelConfig.layer_group_size`, so they are identical. Returns (x_BLD, aux of its
+    start at `ModelConfig.lead_layers` plus a multiple of `ModelConfig.layer_group_size`, so they are identical. Returns (x_BLD, aux of its
     MoE blocks stacked on a leading axis, or {})."""
 
     def __init__(self, cfg: ModelConfig, *, first_layer: int, size: int, num_layers: int, causal: bool,

@@ -5,7 +5,7 @@ latent shared by all heads, with a decoupled RoPE key.
     q = [q_nope (H x N), q_rope (H x R)],  q_rope RoPE'd
     [c_kv (C), k_rope (R)] = x W_DKV,  c_kv = RMSNorm(c_kv),  k_rope RoPE'd and shared by all heads
     k = [c_kv W_UK (H x N), k_rope],  v = c_kv W_UV (H x V)
-    out = softmax(q k^T / sqrt(N + R)) v W_O
+    out = softmax(q k^T / sqrt(N + R)) v W_O     (DeepSeek's YaRN: scores also times m(yarn_mscale_all_dim)^2)
 
 (C = kv_lora_rank, N = qk_nope_head_dim, R = qk_rope_head_dim, V = v_head_dim.) Training materialises k and
 v and runs the library's kernels (ring attention on a `sequence` mesh). Decoding caches per token only
@@ -29,8 +29,14 @@ from transformer.inference.decode_attention import cached_attention, write_slots
 from transformer.layers.attention import _Q_AXES, attend, attention_mask, rope_frequencies
 from transformer.layers.norms import RMSNorm
 from transformer.layers.projection import project
+from transformer.lora import adapted_weight
 from transformer.ops import attention as attention_ops
 from transformer.ops import positions as pos_ops
+
+
+def _adapter(layer, name: str):
+    """The LoRA adapter on projection `name` (`transformer.lora`), or None."""
+    return getattr(layer, f"{name}_lora", None)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -81,9 +87,9 @@ class LatentAttention(nnx.Module):
         """Queries (B, L, H, N + R) with RoPE on their last R entries."""
         if self.cfg.q_lora_rank:
             c_BLC = self.q_norm(project("BLD,DC->BLC", x_BLD, self.q_down_DC, None, self.dtype))
-            q_BLHW = project("BLC,CHW->BLHW", c_BLC, self.q_up_CHW, None, self.dtype)
+            q_BLHW = project("BLC,CHW->BLHW", c_BLC, self.q_up_CHW, None, self.dtype, _adapter(self, "q"))
         else:
-            q_BLHW = project("BLD,DHW->BLHW", x_BLD, self.q_DHW, None, self.dtype)
+            q_BLHW = project("BLD,DHW->BLHW", x_BLD, self.q_DHW, None, self.dtype, _adapter(self, "q"))
         N = self.cfg.nope_dim
         q_BLHW = jnp.concatenate([q_BLHW[..., :N], pos_ops.apply_rope(q_BLHW[..., N:], positions_BL, *rope)], -1)
         return sharding.constrain(q_BLHW, _Q_AXES)
@@ -98,14 +104,18 @@ class LatentAttention(nnx.Module):
     def _keys_values(self, c_BLC, k_rope_BL1R):
         """Per-head keys (B, L, H, N + R) and values (B, L, H, V) from the latent."""
         H = self.cfg.num_heads
-        k_nope_BLHN = project("BLC,CHN->BLHN", c_BLC, self.k_up_CHN, None, self.dtype)
+        k_nope_BLHN = project("BLC,CHN->BLHN", c_BLC, self.k_up_CHN, None, self.dtype, _adapter(self, "k"))
         k_rope_BLHR = jnp.broadcast_to(k_rope_BL1R, (*k_rope_BL1R.shape[:2], H, k_rope_BL1R.shape[-1]))
         k_BLHW = jnp.concatenate([k_nope_BLHN, k_rope_BLHR.astype(self.dtype)], -1)
-        v_BLHV = project("BLC,CHV->BLHV", c_BLC, self.v_up_CHV, None, self.dtype)
+        v_BLHV = project("BLC,CHV->BLHV", c_BLC, self.v_up_CHV, None, self.dtype, _adapter(self, "v"))
         return sharding.constrain(k_BLHW, _Q_AXES), sharding.constrain(v_BLHV, _Q_AXES)
 
     def _scale(self) -> float:
-        return 1.0 / math.sqrt(self.cfg.nope_dim + self.cfg.rope_dim)
+        """1/sqrt(N + R), times m(yarn_mscale_all_dim)^2 with DeepSeek's YaRN."""
+        cfg = self.cfg
+        temperature = pos_ops.yarn_mscale_factor(cfg.rope_scaling_factor, cfg.yarn_mscale_all_dim) \
+            if cfg.yarn_mscale_all_dim else 1.0
+        return temperature ** 2 / math.sqrt(cfg.nope_dim + cfg.rope_dim)
 
     def _attend(self, q_BLHW, k_BLHW, v_BLHV, **tokens):
         """`attend` with the materialised keys; q/k or v are zero-padded to one width (which changes neither
@@ -118,7 +128,8 @@ class LatentAttention(nnx.Module):
         return out_BLHW[..., :V]
 
     def _output(self, out_BLHV):
-        y_BLD = project("BLHV,HVD->BLD", sharding.constrain(out_BLHV, _Q_AXES), self.o_HVD, None, self.dtype)
+        y_BLD = project("BLHV,HVD->BLD", sharding.constrain(out_BLHV, _Q_AXES), self.o_HVD, None, self.dtype,
+                        _adapter(self, "o"))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
 
     def __call__(self, x_BLD: jax.Array, *, positions_BL: jax.Array | None = None,
@@ -154,10 +165,12 @@ class LatentAttention(nnx.Module):
             out_BLHV = self._attend(q_BLHW, k_BLHW, v_BLHV, q_positions_BQ=write.positions_BL,
                                     kv_positions_BK=write.key_positions_BL)
         else:
-            q_latent_BLHC = jnp.einsum("BLHN,CHN->BLHC", q_BLHW[..., :N], self.k_up_CHN[...].astype(self.dtype))
+            k_up_CHN = adapted_weight(self.k_up_CHN[...], _adapter(self, "k"), 1, self.dtype)
+            q_latent_BLHC = jnp.einsum("BLHN,CHN->BLHC", q_BLHW[..., :N], k_up_CHN)
             q_BLHW = jnp.concatenate([q_latent_BLHC, q_BLHW[..., N:]], -1)
             out_BLHW = cached_attention(q_BLHW, kv.k, kv.k, layer, self.mask, q_positions_BQ=write.positions_BL,
                                         cache_positions_BK=write.cache_positions_BK, scale=self._scale(),
                                         block_size=cfg.attention_block_size)
-            out_BLHV = jnp.einsum("BLHC,CHV->BLHV", out_BLHW[..., :C], self.v_up_CHV[...].astype(self.dtype))
+            v_up_CHV = adapted_weight(self.v_up_CHV[...], _adapter(self, "v"), 1, self.dtype)
+            out_BLHV = jnp.einsum("BLHC,CHV->BLHV", out_BLHW[..., :C], v_up_CHV)
         return self._output(out_BLHV), kv

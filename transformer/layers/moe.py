@@ -75,18 +75,33 @@ def select_top_k(values_TE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(values_TE, idx_TX, axis=-1), idx_TX
 
 
-def route(logits_TE: jax.Array, router: str, top_k: int, bias_E: jax.Array | None = None) -> Routing:
+def group_limited(probs_TE: jax.Array, groups: int, top_groups: int) -> jax.Array:
+    """probs with every expert outside each token's `top_groups` best expert groups (ranked by their best expert's
+    probability) set to -inf: DeepSeek-V2's group_limited_greedy."""
+    E = probs_TE.shape[-1]
+    grouped_TGe = probs_TE.reshape(*probs_TE.shape[:-1], groups, E // groups)
+    _, best_TK = select_top_k(jnp.max(grouped_TGe, axis=-1), top_groups)
+    keep_TG = jnp.any(jax.nn.one_hot(best_TK, groups, dtype=jnp.bool_), axis=-2)
+    return jnp.where(keep_TG[..., None], grouped_TGe, -jnp.inf).reshape(probs_TE.shape)
+
+
+def route(logits_TE: jax.Array, router: str, top_k: int, bias_E: jax.Array | None = None, *, groups: int = 1,
+          top_groups: int = 1, scale: float = 1.0) -> Routing:
     """Top-k routing from float32 router logits (any leading dims).
 
-    softmax_topk / switch: p = softmax(logits); top-k of p; gates = p (not renormalised).
+    softmax_topk / switch: p = softmax(logits); top-k of p (with groups > 1: within the token's top_groups
+    best groups, `group_limited`); gates = p (not renormalised).
     mixtral: top-k of logits; gates = softmax over the k chosen logits; probs = full softmax.
     sigmoid_bias: s = sigmoid(logits); top-k of s + bias; gates = s_chosen / sum(s_chosen);
     probs = s / sum(s) (the distribution used by the balance losses).
+    Every router's gates are then multiplied by `scale` (moe.routed_scale).
     """
     logits_TE = logits_TE.astype(jnp.float32)
     if router in ("softmax_topk", "switch"):
         probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-        gate_TX, idx_TX = select_top_k(probs_TE, top_k)
+        candidates_TE = group_limited(probs_TE, groups, top_groups) if groups > 1 else probs_TE
+        _, idx_TX = select_top_k(candidates_TE, top_k)
+        gate_TX = jnp.take_along_axis(probs_TE, idx_TX, axis=-1)
     elif router == "mixtral":
         probs_TE = jax.nn.softmax(logits_TE, axis=-1)
         top_logits_TX, idx_TX = select_top_k(logits_TE, top_k)
@@ -102,6 +117,8 @@ def route(logits_TE: jax.Array, router: str, top_k: int, bias_E: jax.Array | Non
     else:
         raise ValueError(f"route() does not handle router={router!r}; valid: 'softmax_topk', 'switch', 'mixtral', "
                          "'sigmoid_bias' (expert_choice uses expert_choice_dispatch)")
+    if scale != 1.0:
+        gate_TX = gate_TX * scale
     return Routing(probs_TE, idx_TX.astype(jnp.int32), gate_TX)
 
 
@@ -231,7 +248,8 @@ class MoE(nnx.Module):
             top1_BL = jnp.argmax(probs_BLE, axis=-1)
         else:
             bias_E = self.router_bias[...] if self.router_bias is not None else None
-            probs_BLE, idx_BLX, gate_BLX = route(logits_BLE, moe.router, moe.top_k, bias_E)
+            probs_BLE, idx_BLX, gate_BLX = route(logits_BLE, moe.router, moe.top_k, bias_E, groups=moe.router_groups,
+                                                 top_groups=moe.router_top_groups, scale=moe.routed_scale)
             assigned_BLE = jnp.sum(jax.nn.one_hot(idx_BLX, E, dtype=jnp.float32), axis=2)
             if moe.dropless or no_drops:
                 y_BLD = self._dropless_experts(x_BLD, idx_BLX, gate_BLX)
