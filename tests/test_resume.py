@@ -1,6 +1,7 @@
 """End-to-end resume: a run killed (SIGKILL) or stopped (SIGTERM) and restarted gives the same
 loss trace and final state, bitwise on CPU, as an uninterrupted run (killed runs of every model
-architecture, each on its objective's batches); checkpoints written by 2 processes restore into 1.
+architecture, each on its objective's batches, and of a LoRA fine-tune whose checkpoints hold only the adapters
+and which reloads its frozen base from checkpoint.init_from); checkpoints written by 2 processes restore into 1.
 Every test here starts training subprocesses (tens of seconds of compilation each), so all are
 marked slow: run them with `-m slow`.
 
@@ -36,6 +37,7 @@ ARCHITECTURE_ARGS = {  # what each architecture adds to TRAIN_ARGS (MLM and span
     "decoder": (),
     "encoder": ("model.architecture=encoder", "model.vocab_size=320"),
     "encoder_decoder": ("model.architecture=encoder_decoder", "model.vocab_size=320", "model.num_encoder_layers=1"),
+    "lora": ("lora.rank=2", "lora.alpha=4", "lora.targets=attention,mlp", "lora.dropout=0.1"),  # + init_from a base
 }
 
 
@@ -128,16 +130,21 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """`reference(architecture)`: an uninterrupted run of STEPS steps of that architecture, run when first asked
-    for."""
+    """`references(architecture)`: (an uninterrupted run of STEPS steps of that architecture, the arguments it
+    adds to TRAIN_ARGS), run when first asked for. "lora" fine-tunes a 4-step base run."""
     runs = {}
 
-    def reference(architecture: str) -> Path:
+    def reference(architecture: str) -> tuple[Path, tuple[str, ...]]:
         if architecture not in runs:
+            extra = ARCHITECTURE_ARGS[architecture]
+            if architecture == "lora":
+                base = tmp_path_factory.mktemp("lora_base") / "run"
+                run_train(base, "steps=4")
+                extra = (*extra, f"checkpoint.init_from={base}")
             run_dir = tmp_path_factory.mktemp(f"reference_{architecture}") / "run"
-            run_train(run_dir, *ARCHITECTURE_ARGS[architecture])
+            run_train(run_dir, *extra)
             assert sorted(metrics_by_step(run_dir)) == list(range(1, STEPS + 1))
-            runs[architecture] = run_dir
+            runs[architecture] = run_dir, extra
         return runs[architecture]
 
     return reference
@@ -145,7 +152,7 @@ def references(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(references) -> Path:
-    return references("decoder")
+    return references("decoder")[0]
 
 
 def assert_same_as_reference(run_dir: Path, reference: Path):
@@ -180,7 +187,7 @@ def jax_leaves_with_names(tree) -> list[tuple[str, np.ndarray]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURE_ARGS)
 def test_killed_run_resumes_bitwise(tmp_path, references, architecture):
-    reference, extra = references(architecture), ARCHITECTURE_ARGS[architecture]
+    reference, extra = references(architecture)
     run_dir = tmp_path / "run"
     kill_at = random.randrange(6, STEPS - 3)
     proc = subprocess.Popen(train_command(run_dir, *extra, slow=True), cwd=REPO, env=cpu_env(2), text=True,

@@ -42,8 +42,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import distributed, lora, sharding
-from transformer.checkpoint import CONFIG_FILE, Checkpointer, restore_params
+from transformer import distributed, lora, runs, sharding
+from transformer.checkpoint import CONFIG_FILE, Checkpointer
 from transformer.config import (DTYPES, CheckpointConfig, Config, ConfigError, DataConfig, LoRAConfig, MeshConfig,
                                 ModelConfig, apply_overrides, print_help_if_asked)
 from transformer.data.tokenizers import check_vocab, load_tokenizer
@@ -147,17 +147,7 @@ def adapted_model(run_dir: str | Path, mesh) -> tuple[Config, nnx.Module]:
     cfg = Config.from_dict(json.loads(config_path.read_text())).validate()
     if not cfg.lora.rank:
         raise ConfigError(f"--merge {str(run_dir)!r} is not a LoRA run (lora.rank=0): it has no adapters to merge")
-    with sharding.use_mesh(mesh):
-        def build():
-            model = build_model(cfg.model, rngs=nnx.Rngs(0))
-            lora.add_adapters(model, cfg.lora, jax.random.key(0))
-            return model
-        graphdef, abstract = nnx.split(nnx.eval_shape(build))
-        shardings = sharding.state_shardings(abstract, mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        base = restore_params(cfg.checkpoint.init_from, nnx.filter_state(abstract, lora.BASE))
-        adapters = restore_params(str(run_dir), lora.without_base(abstract))
-    return cfg, nnx.merge(graphdef, nnx.merge_state(base, adapters))
+    return cfg, runs.adapted_model(run_dir, cfg, mesh)
 
 
 def merge_lora(run_dir: str | Path, out: str | Path) -> Config:

@@ -1,4 +1,5 @@
-"""Load a trained run (or an in-memory model) for inference: its config, graph and state on a mesh."""
+"""Load a trained run (or an in-memory model) for inference: its config, graph and state on a mesh. A LoRA run
+loads as its base (from checkpoint.init_from) with its newest adapters folded in."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import sharding
+from transformer import lora, sharding
 from transformer.checkpoint import CONFIG_FILE, restore_params
-from transformer.config import ARCHITECTURES, Config, ConfigError, MeshConfig, ModelConfig, apply_overrides
+from transformer.config import (ARCHITECTURES, Config, ConfigError, LoRAConfig, MeshConfig, ModelConfig,
+                                apply_overrides)
 from transformer.model import build_model
 
 
@@ -44,9 +46,6 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
         if not config_path.exists():
             raise ValueError(f"run_dir={str(source)!r} has no {CONFIG_FILE}; give the directory of a training run")
         cfg = Config.from_dict(json.loads(config_path.read_text()))
-        if cfg.lora.rank:
-            raise ConfigError(f"run_dir={str(source)!r} is a LoRA run, whose checkpoints hold adapters only; merge "
-                              f"them into the base first: python -m transformer.convert --merge {source} --out NEW_RUN")
         saved = None
     elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Config):
         cfg, saved = source
@@ -61,6 +60,12 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
     if mesh is None:
         mesh = (sharding.make_mesh(cfg.mesh) if any(o.startswith("mesh.") for o in overrides)
                 else sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    if saved is None and cfg.lora.rank:
+        model = adapted_model(source, cfg, mesh)
+        with sharding.use_mesh(mesh):
+            lora.merge_adapters(model)
+        graphdef, state = nnx.split(model)
+        return LoadedModel(dataclasses.replace(cfg, lora=LoRAConfig()), graphdef, state, mesh)
     with sharding.use_mesh(mesh):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))))
         shardings = sharding.state_shardings(abstract, mesh)
@@ -71,6 +76,23 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
             _check_shapes(saved, abstract)
             state = jax.device_put(saved, shardings)
     return LoadedModel(cfg, graphdef, state, mesh)
+
+
+def adapted_model(run_dir: str | Path, cfg: Config, mesh) -> nnx.Module:
+    """The LoRA run `run_dir`'s model with its adapters: the base params from cfg.checkpoint.init_from, the
+    adapters (and the other non-base state) from the run's newest checkpoint, placed on `mesh`."""
+    with sharding.use_mesh(mesh):
+        def build():
+            model = build_model(cfg.model, rngs=nnx.Rngs(0))
+            lora.add_adapters(model, cfg.lora, jax.random.key(0))
+            return model
+
+        graphdef, abstract = nnx.split(nnx.eval_shape(build))
+        shardings = sharding.state_shardings(abstract, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        base = restore_params(cfg.checkpoint.init_from, nnx.filter_state(abstract, lora.BASE))
+        adapters = restore_params(str(run_dir), lora.without_base(abstract))
+    return nnx.merge(graphdef, nnx.merge_state(base, adapters))
 
 
 def _check_architecture(cfg: Config, architectures: Sequence[str]) -> None:
