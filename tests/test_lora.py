@@ -199,10 +199,12 @@ def test_adapter_dropout_only_while_training():
     ("lora.rank=-1", "lora.rank=-1 must be >= 0"),
     ("lora.dropout=1.0", "lora.dropout=1.0 must be in [0, 1)"),
     ("lora.alpha=0", "lora.alpha=0.0 must be"),
+    ("lora.quantize_base=nf4", "lora.quantize_base='nf4' is not valid; choose one of 'none', 'int8'"),
+    ("lora.rank=0 lora.quantize_base=int8", "lora.quantize_base='int8' quantizes a frozen base; it needs lora.rank > 0"),
 ])
 def test_bad_lora_options_are_refused_in_one_line(override, fragment):
     with pytest.raises(ConfigError) as error:
-        config("unused", override, "checkpoint.init_from=somewhere").validate()
+        config("unused", *override.split(), "checkpoint.init_from=somewhere").validate()
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
@@ -257,3 +259,44 @@ def test_mla_adapters_merge_exactly_and_decode_through_the_latent_cache(q_lora_r
     merged, _ = model(tokens(4))
     np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(adapted) - np.asarray(base_logits)).max() > 1e-2  # the adapters act
+
+
+def test_int8_weights_read_as_their_dequantized_values_within_half_a_step():
+    from transformer.quantize import Int8Weight, quantize
+
+    w = jax.random.normal(jax.random.key(0), (3, 16, 4, 8)) * jnp.arange(1, 9)  # (layers, D, H, W): scale per (H, W)
+    weight = nnx.Param(w, logical_axes=("layers", "embed", "heads", "head_dim"))
+    int8 = Int8Weight(weight, contracted=(1,))
+    values, scale = quantize(w, (1,))
+    assert values.dtype == jnp.int8 and scale.shape == (3, 1, 4, 8) and int(jnp.abs(values).max()) == 127
+    assert int8.scale.get_metadata()["logical_axes"] == ("layers", None, "heads", "head_dim")
+    error = np.abs(np.asarray(int8[...]) - np.asarray(w))
+    assert np.all(error <= np.asarray(scale) / 2 + 1e-6) and error.max() > 0
+    np.testing.assert_array_equal(np.asarray(int8[1]), np.asarray(values[1] * scale[1]))
+
+
+def test_qlora_run_trains_adapters_on_an_int8_base_and_loads_as_it_trained(tmp_path, base_run):
+    from transformer.quantize import Int8Weight, Quantized
+
+    cfg = config(tmp_path / "qlora", "steps=3", f"checkpoint.init_from={base_run}", *LORA, "lora.quantize_base=int8")
+    summary = train.train(cfg)
+    assert summary["step"] == 3 and np.isfinite(summary["losses"]).all()
+    mesh = single_device_mesh()
+    with sharding.use_mesh(mesh):
+        graphdef, abstract, shardings = train.abstract_train_state(cfg, mesh)
+        with Checkpointer(cfg.run_dir, cfg.checkpoint, config=cfg) as ckpt:
+            saved = ckpt.restore_latest(train.checkpointed(cfg, abstract))[0]
+            state, step, origin = train.load_or_init(cfg, graphdef, abstract, shardings, ckpt)
+        assert (step, origin) == (3, "checkpoint")
+        assert not nnx.filter_state(saved, Quantized) and not nnx.filter_state(saved, lora.BASE)  # adapters etc.
+        model = nnx.merge(graphdef, state).model
+        int8 = [node for _, node in nnx.iter_graph(model) if isinstance(node, Int8Weight)]
+        assert len(int8) == 7 and all(w.values.dtype == jnp.int8 and w.shape[0] == 2 for w in int8)  # q k v o
+        # gate up down, each stacked over the 2 scanned layers
+        trained, _ = model(tokens(5))
+        base = load_model(base_run)
+        base_logits, _ = nnx.merge(base.graphdef, base.state)(tokens(5))
+        loaded = load_model(cfg.run_dir)  # the float base quantized and dequantized, the adapters merged in
+        loaded_logits, _ = nnx.merge(loaded.graphdef, loaded.state)(tokens(5))
+    np.testing.assert_allclose(np.asarray(loaded_logits), np.asarray(trained), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(trained) - np.asarray(base_logits)).max() > 1e-3

@@ -529,6 +529,7 @@ class CheckpointConfig:
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+QUANTIZED_BASES = ("none", "int8")
 LORA_GROUPS = {"mlp": ("gate", "up", "down"), "attention": ("q", "k", "v", "o")}
 
 
@@ -542,6 +543,8 @@ class LoRAConfig:
                              + "; mlp = gate,up,down; attention = q,k,v,o (dense MLPs and MoE shared experts; "
                              "routed experts are not adapted)")
     dropout: float = described(0.0, "dropout rate on the adapter input while training")
+    quantize_base: str = described("none", "frozen base projection weights (routed experts too): none (float) or "
+                                   "int8 (QLoRA-style: per-output-feature absmax scales, dequantized on the fly)")
 
     @property
     def target_names(self) -> tuple[str, ...]:
@@ -562,6 +565,9 @@ class LoRAConfig:
             raise ConfigError(f"lora.targets={self.targets!r}: {unknown[0]!r} is not a projection; choose from "
                               f"{', '.join(valid)}")
         _check(bool(parts), f"lora.targets={self.targets!r} names no projection; choose from {', '.join(valid)}")
+        _one_of("lora.quantize_base", self.quantize_base, QUANTIZED_BASES)
+        _check(self.quantize_base == "none" or self.rank > 0,
+               f"lora.quantize_base={self.quantize_base!r} quantizes a frozen base; it needs lora.rank > 0")
 
 
 @dataclass(frozen=True)

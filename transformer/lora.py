@@ -14,6 +14,10 @@ Dropout (lora.dropout) masks the adapter input while training (`set_training`): 
 (a `LoRADropoutKey` variable, per layer when scanned), split at every training forward and carried in the
 checkpointed state, so a resumed run draws the same masks. `merge_adapters` folds alpha / r * A B into the base
 weights and removes the adapters.
+
+With lora.quantize_base=int8 (QLoRA-style) every base projection weight, routed experts included, is held as an
+`quantize.Int8Weight` (`quantize_base`), filled from the float base of checkpoint.init_from (`load_quantized_base`);
+embeddings, norms and routers stay float.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ConfigError, LoRAConfig
+from transformer.quantize import Int8Weight, Quantized, round_trip
 
 # projection name -> weight attribute (the first the module has), per module kind (class name): the weights
 # `project` is called with
@@ -46,7 +51,9 @@ class LoRADropoutKey(nnx.Variable):
     """Raw key data of an adapter's dropout RNG; split at each training forward."""
 
 
-BASE = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+FROZEN = nnx.All(nnx.Param, nnx.Not(LoRAParam))  # what a LoRA run's checkpoints leave out
+BASE = nnx.All(FROZEN, nnx.Not(Quantized))  # the float base params, restored from checkpoint.init_from as they are
+ROUTED_EXPERTS = {"w_gate": 1, "w_up": 1, "w_down": 1}  # MoE weight -> leading axes before the contracted one
 
 
 class LoRA(nnx.Module):
@@ -134,7 +141,7 @@ def trainable(cfg: LoRAConfig):
 
 def without_base(state: nnx.State) -> nnx.State:
     """`state` without the frozen base params (what a LoRA run checkpoints)."""
-    return nnx.split_state(state, BASE, ...)[1]
+    return nnx.split_state(state, FROZEN, ...)[1]
 
 
 def adapted_weight(weight: jax.Array, adapter: LoRA | None, inputs: int, dtype) -> jax.Array:
@@ -162,6 +169,61 @@ def merge_adapters(model: nnx.Module) -> int:
         delattr(module, f"{name}_lora")
         merged += 1
     return merged
+
+
+def _stacked(weight) -> int:
+    axes = weight.get_metadata().get("logical_axes") or ()
+    return sum(1 for axis in axes if axis == "layers")
+
+
+def quantizable(model: nnx.Module):
+    """(module, weight attribute, contracted axes) of every base weight `quantize_base` turns to int8: the
+    projections `add_adapters` knows and the MoE routed experts."""
+    for module, name, attribute in adapted_modules(model):
+        stack = _stacked(getattr(module, attribute))
+        yield module, attribute, tuple(range(stack, stack + INPUT_AXES[name]))
+    for _, module in nnx.iter_graph(model):
+        if type(module).__name__ == "MoE":
+            for attribute, before in ROUTED_EXPERTS.items():
+                weight = getattr(module, attribute, None)
+                if weight is not None:
+                    yield module, attribute, (_stacked(weight) + before,)
+
+
+def quantize_base(model: nnx.Module) -> int:
+    """Replace every `quantizable` weight by its `Int8Weight`; returns how many."""
+    found = list(quantizable(model))
+    for module, attribute, contracted in found:
+        setattr(module, attribute, Int8Weight(getattr(module, attribute), contracted))
+    return len(found)
+
+
+def load_quantized_base(model: nnx.Module, base: dict) -> None:
+    """Quantize the float weights of `base` (a pure dict of the unquantized model's params) into the model's
+    `Int8Weight`s, found at the same paths."""
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Int8Weight):
+            value = base
+            for key in path:
+                value = value[key]
+            module.load(value)
+
+
+def dequantized_base(model: nnx.Module) -> None:
+    """Replace every `quantizable` float weight by its int8 round trip (what a QLoRA run trained against)."""
+    for module, attribute, contracted in quantizable(model):
+        weight = getattr(module, attribute)
+        weight[...] = round_trip(weight[...], contracted)
+
+
+def frozen_bytes(state: nnx.State, param_dtype) -> tuple[int, int]:
+    """(bytes the frozen base holds, bytes it would hold unquantized in `param_dtype`) of a model state."""
+    nbytes = lambda x, dtype: math.prod(jnp.shape(x)) * jnp.dtype(dtype).itemsize
+    held = sum(nbytes(x, x.dtype) for x in jax.tree.leaves(nnx.filter_state(state, FROZEN)))
+    plain = sum(nbytes(x, param_dtype) for x in jax.tree.leaves(nnx.filter_state(state, BASE)))
+    values = [node for _, node in nnx.iter_graph(state) if isinstance(node, Quantized)]
+    plain += sum(nbytes(v, param_dtype) for v in values if v.dtype == jnp.int8)
+    return held, plain
 
 
 def parameter_counts(state: nnx.State, cfg: LoRAConfig) -> tuple[int, int]:

@@ -79,8 +79,9 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
 
 
 def adapted_model(run_dir: str | Path, cfg: Config, mesh) -> nnx.Module:
-    """The LoRA run `run_dir`'s model with its adapters: the base params from cfg.checkpoint.init_from, the
-    adapters (and the other non-base state) from the run's newest checkpoint, placed on `mesh`."""
+    """The LoRA run `run_dir`'s model with its adapters: the base params from cfg.checkpoint.init_from (with
+    lora.quantize_base, as the run trained against them: quantized and dequantized), the adapters (and the other
+    non-base state) from the run's newest checkpoint, placed on `mesh`."""
     with sharding.use_mesh(mesh):
         def build():
             model = build_model(cfg.model, rngs=nnx.Rngs(0))
@@ -92,7 +93,10 @@ def adapted_model(run_dir: str | Path, cfg: Config, mesh) -> nnx.Module:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         base = restore_params(cfg.checkpoint.init_from, nnx.filter_state(abstract, lora.BASE))
         adapters = restore_params(str(run_dir), lora.without_base(abstract))
-    return nnx.merge(graphdef, nnx.merge_state(base, adapters))
+        model = nnx.merge(graphdef, nnx.merge_state(base, adapters))
+        if cfg.lora.quantize_base != "none":
+            lora.dequantized_base(model)
+    return model
 
 
 def _check_architecture(cfg: Config, architectures: Sequence[str]) -> None:

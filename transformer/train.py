@@ -29,7 +29,8 @@ eval_accuracy (next-token accuracy for a decoder, masked-token accuracy for an e
 
 LoRA (lora.rank > 0, `transformer.lora`): adapters on the base loaded from checkpoint.init_from; only they are
 differentiated and have optimizer state, checkpoints hold all but the frozen base, and train prints
-"trainable params: N of M (x%)" (the summary's trainable_params and params).
+"trainable params: N of M (x%)" (the summary's trainable_params and params; with lora.quantize_base=int8 also the
+frozen base's bytes against unquantized).
 
 Loop: step N + 1 is dispatched before step N's metrics are read, so the device queue never
 runs dry while the host logs; the NaN guard, logging, eval and checkpoint decisions run one
@@ -120,6 +121,8 @@ class TrainState(nnx.Module):
         self.model = build_model(cfg.model, rngs=nnx.Rngs(cfg.seed))
         if cfg.lora.rank:
             lora.add_adapters(self.model, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 2))
+        if cfg.lora.quantize_base == "int8":
+            lora.quantize_base(self.model)
         self.optimizer = nnx.Optimizer(self.model, make_optimizer(cfg, self.model), wrt=lora.trainable(cfg.lora))
         self.rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(cfg.seed), 1))
 
@@ -165,10 +168,26 @@ def _load_or_init_lora(cfg: Config, graphdef, abstract, shardings, ckpt: Checkpo
     train_state = nnx.merge(graphdef, init_train_state(cfg, shardings))
     nnx.update(train_state.model, restore_params(cfg.checkpoint.init_from,
                                                  nnx.filter_state(abstract["model"], lora.BASE)))
+    if cfg.lora.quantize_base != "none":
+        lora.load_quantized_base(train_state.model, _float_base(cfg, train_state.model, shardings))
     if restored is None:
         return nnx.state(train_state), 0, "init_from"
     nnx.update(train_state, restored[0])
     return nnx.state(train_state), restored[1], "checkpoint"
+
+
+def _float_base(cfg: Config, model: nnx.Module, shardings) -> dict:
+    """The float values (pure dict) of the model's int8 weights, read from checkpoint.init_from and sharded on the
+    run's mesh (held only until they are quantized)."""
+    from transformer.quantize import Int8Weight
+
+    quantized = {tuple(path) for path, node in nnx.iter_graph(model) if isinstance(node, Int8Weight)}
+    plain = nnx.state(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
+    target = nnx.filter_state(plain, lambda path, _: tuple(path) in quantized)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
+                          sharding.state_shardings(target, mesh))
+    return nnx.to_pure_dict(restore_params(cfg.checkpoint.init_from, target))
 
 
 # ---------------------------------------------------------------- steps
@@ -504,8 +523,12 @@ def train(cfg: Config) -> dict:
         graphdef, abstract, shardings = abstract_train_state(cfg, mesh)
         counts = dict(zip(("trainable_params", "params"), lora.parameter_counts(abstract["model"], cfg.lora)))
         if cfg.lora.rank and jax.process_index() == 0:
+            quantized = ""
+            if cfg.lora.quantize_base != "none":
+                held, plain = lora.frozen_bytes(abstract["model"], cfg.model.param_dtype)
+                quantized = f"; frozen base {held / 2**20:.1f} MiB as int8 ({plain / 2**20:.1f} MiB unquantized)"
             print(f"trainable params: {counts['trainable_params']:,} of {counts['params']:,} "
-                  f"({100 * counts['trainable_params'] / counts['params']:.3f}%)", flush=True)
+                  f"({100 * counts['trainable_params'] / counts['params']:.3f}%){quantized}", flush=True)
         ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint, config=cfg)
         try:
             state, step, origin = load_or_init(cfg, graphdef, abstract, shardings, ckpt)
