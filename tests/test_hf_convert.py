@@ -19,7 +19,7 @@ from flax import nnx
 from scipy.special import erf
 
 from transformer import convert
-from transformer.config import ConfigError, ModelConfig
+from transformer.config import ConfigError, ModelConfig, MoEConfig
 from transformer.hf import configs, folder as hf_folder
 from transformer.runs import load_model
 
@@ -541,6 +541,7 @@ def test_deepseek_v2_lite_config_gives_the_papers_15_7b_total_and_2_4b_active_pa
           "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
           "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False,
           "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+          "attention_bias": False, "initializer_range": 0.02,
           "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
           "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
                                                 "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
@@ -552,7 +553,7 @@ def test_deepseek_v2_lite_config_gives_the_papers_15_7b_total_and_2_4b_active_pa
     assert round(total / 1e9, 1) == 15.7
     active = total - idle_experts - 102400 * 2048  # the input embedding is a lookup, not an activated weight
     assert 2.4e9 <= active < 2.5e9  # 2.45B: the paper's "2.4B"
-    assert configs.hf_config(cfg, saved=hf)["rope_scaling"] == {**hf["rope_scaling"], "rope_type": "yarn"}
+    assert configs.hf_config(cfg, saved=hf) == hf  # written back as the hub's config.json has it ("type": "yarn")
 
 
 def test_existing_directories_are_never_overwritten(tmp_path, capsys):
@@ -609,6 +610,10 @@ def test_qwen2_windows_become_an_attention_pattern_and_export_back(change, patte
     (dict(attention_pattern="local,global", sliding_window=4),
      "model.attention_pattern='local,global': writing Mistral needs ''"),
     (dict(position="alibi"), "model.position='alibi': writing an HF family (GPT-2: 'learned') needs 'rope'"),
+    (dict(moe=MoEConfig(num_experts=4, router="mixtral", routed_scale=2.0)),
+     "routed_scale=2.0): Mixtral needs router='mixtral', every layer MoE, no shared experts and unscaled gates"),
+    (dict(moe=MoEConfig(num_experts=4, router="mixtral", first_dense_layers=1)), "first_dense_layers=1"),
+    (dict(rope_scaling="ntk", rope_scaling_factor=2.0), "model.rope_scaling='ntk': no Hugging Face rope_type"),
     (dict(embed_scale="sqrt_d"), "model.embed_scale='sqrt_d'"),
     (dict(activation="gelu"), "model.activation='gelu': writing a rotary HF family needs 'swiglu'"),
     (dict(attention_bias="qkv", mlp_bias=True), "model.mlp_bias=True: writing Qwen2 needs False"),

@@ -201,6 +201,7 @@ def test_adapter_dropout_only_while_training():
     ("lora.alpha=0", "lora.alpha=0.0 must be"),
     ("lora.quantize_base=nf4", "lora.quantize_base='nf4' is not valid; choose one of 'none', 'int8'"),
     ("lora.rank=0 lora.quantize_base=int8", "lora.quantize_base='int8' quantizes a frozen base; it needs lora.rank > 0"),
+    ("lora.rank=2 lora.quantize_base=int8", "with model.remat='none' would keep a float copy of every dequantized"),
 ])
 def test_bad_lora_options_are_refused_in_one_line(override, fragment):
     with pytest.raises(ConfigError) as error:
@@ -278,7 +279,8 @@ def test_int8_weights_read_as_their_dequantized_values_within_half_a_step():
 def test_qlora_run_trains_adapters_on_an_int8_base_and_loads_as_it_trained(tmp_path, base_run):
     from transformer.quantize import Int8Weight, Quantized
 
-    cfg = config(tmp_path / "qlora", "steps=3", f"checkpoint.init_from={base_run}", *LORA, "lora.quantize_base=int8")
+    cfg = config(tmp_path / "qlora", "steps=3", f"checkpoint.init_from={base_run}", *LORA, "lora.quantize_base=int8",
+                 "model.remat=dots_saveable")
     summary = train.train(cfg)
     assert summary["step"] == 3 and np.isfinite(summary["losses"]).all()
     mesh = single_device_mesh()

@@ -142,7 +142,8 @@ def test_first_dense_layers_lead_the_scanned_moe_groups_and_scan_equals_unrolled
     assert num_params(abstract(cfg)) - dense == 3 * (D * 4 + 5 * 3 * D * 16 - 3 * D * cfg.ffn_dim)
     all_moe = cfg_with(cfg, moe=dataclasses.replace(moe, first_dense_layers=0))
     assert flops_per_token(cfg, L) > flops_per_token(all_moe, L)  # a dense d_ff layer costs more than 3 narrow experts
-    with pytest.raises(ConfigError, match="moe.first_dense_layers=4 leaves no MoE layer in a stack of 4"):
+    with pytest.raises(ConfigError, match="moe.first_dense_layers=4 with moe.every_k_layers=1 leaves no MoE layer in a "
+                                          "stack of 4"):
         cfg_with(cfg, moe=dataclasses.replace(moe, first_dense_layers=4)).validate()
 
 

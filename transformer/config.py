@@ -163,9 +163,9 @@ class ModelConfig:
     rope_scaling_factor: float = described(1.0, "target context / max_seq_len for rope_scaling (>= 1)")
     yarn_beta_fast: float = described(32.0, "YaRN: rotations above which a frequency is not interpolated")
     yarn_beta_slow: float = described(1.0, "YaRN: rotations below which a frequency is fully interpolated")
-    yarn_mscale: float = described(0.0, "DeepSeek's YaRN (with yarn_mscale_all_dim): q and k scale by "
-                                   "m(yarn_mscale) / m(yarn_mscale_all_dim), m(a) = 0.1 a ln(factor) + 1; "
-                                   "0: YaRN's m(1)")
+    yarn_mscale: float = described(0.0, "DeepSeek's YaRN (mla, with yarn_mscale_all_dim): the rotated q and k "
+                                   "parts scale by m(yarn_mscale) / m(yarn_mscale_all_dim), m(a) = 0.1 a ln(factor) "
+                                   "+ 1; 0: YaRN's m(1)")
     yarn_mscale_all_dim: float = described(0.0, "DeepSeek's YaRN, mla only: scores scale by m(yarn_mscale_all_dim)^2 "
                                            "besides 1/sqrt(width); 0: off")
     llama3_low_freq_factor: float = described(1.0, "llama3: wavelengths above max_seq_len / this are interpolated")
@@ -256,6 +256,12 @@ class ModelConfig:
         every_k = self.moe.every_k_layers if self.moe.num_experts else 1
         return math.lcm(every_k, len(self.attention_kinds) or 1)
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` of a stack has the MoE FFN: (layer + 1) % moe.every_k_layers == 0, past the
+        moe.first_dense_layers."""
+        moe = self.moe
+        return moe.num_experts > 0 and layer >= moe.first_dense_layers and (layer + 1) % moe.every_k_layers == 0
+
     @property
     def lead_layers(self) -> int:
         """Layers before the scanned groups (moe.first_dense_layers: dense, unlike the groups)."""
@@ -317,9 +323,10 @@ class ModelConfig:
         if self.moe.num_experts:
             stack = min(self.num_layers, self.encoder_layers) if self.architecture == "encoder_decoder" \
                 else self.num_layers
-            _check(self.moe.first_dense_layers < stack,
-                   f"moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer in a stack of {stack}; "
-                   f"give fewer than {stack}, or set moe.num_experts=0 for a dense model")
+            _check(any(self.is_moe_layer(layer) for layer in range(stack)),
+                   f"moe.first_dense_layers={self.moe.first_dense_layers} with moe.every_k_layers="
+                   f"{self.moe.every_k_layers} leaves no MoE layer in a stack of {stack}; give fewer dense layers, "
+                   "or set moe.num_experts=0 for a dense model")
 
     def _check_latent_attention(self) -> None:
         _one_of("model.attention", self.attention, ATTENTIONS)
@@ -355,6 +362,9 @@ class ModelConfig:
         _check(self.yarn_mscale_all_dim == 0 or self.attention == "mla",
                f"model.yarn_mscale_all_dim={self.yarn_mscale_all_dim} (DeepSeek's score scale) is read by "
                "model.attention='mla' only")
+        _check(self.yarn_mscale == 0 or self.yarn_mscale_all_dim > 0,
+               f"model.yarn_mscale={self.yarn_mscale} acts only with model.yarn_mscale_all_dim > 0 (as in DeepSeek's "
+               "YaRN); set both, or leave it 0")
 
     def _check_attention_pattern(self) -> None:
         kinds = self.attention_kinds
@@ -543,8 +553,10 @@ class LoRAConfig:
                              + "; mlp = gate,up,down; attention = q,k,v,o (dense MLPs and MoE shared experts; "
                              "routed experts are not adapted)")
     dropout: float = described(0.0, "dropout rate on the adapter input while training")
-    quantize_base: str = described("none", "frozen base projection weights (routed experts too): none (float) or "
-                                   "int8 (QLoRA-style: per-output-feature absmax scales, dequantized on the fly)")
+    quantize_base: str = described("none", "frozen base projection weights (the adaptable ones and routed experts; "
+                                   "not embeddings, norms, routers or MLA's latent down-projections): none (float) "
+                                   "or int8 (QLoRA-style: per-output-feature absmax scales, dequantized on the fly; "
+                                   "needs model.remat other than none, so the backward recomputes them)")
 
     @property
     def target_names(self) -> tuple[str, ...]:
@@ -604,6 +616,10 @@ class Config:
         _check(self.lora.rank == 0 or bool(self.checkpoint.init_from),
                f"lora.rank={self.lora.rank} needs checkpoint.init_from=<base run dir>: adapters fine-tune a trained "
                "base, whose weights the run's checkpoints do not hold")
+        _check(self.lora.quantize_base == "none" or self.model.remat != "none",
+               f"lora.quantize_base={self.lora.quantize_base!r} with model.remat='none' would keep a float copy of "
+               "every dequantized weight for the backward pass; set model.remat=dots_saveable (or full) so it is "
+               "recomputed from the int8 values")
         _check(self.steps >= 0, f"steps={self.steps} must be >= 0")
         _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")

@@ -15,9 +15,9 @@ Dropout (lora.dropout) masks the adapter input while training (`set_training`): 
 checkpointed state, so a resumed run draws the same masks. `merge_adapters` folds alpha / r * A B into the base
 weights and removes the adapters.
 
-With lora.quantize_base=int8 (QLoRA-style) every base projection weight, routed experts included, is held as an
-`quantize.Int8Weight` (`quantize_base`), filled from the float base of checkpoint.init_from (`load_quantized_base`);
-embeddings, norms and routers stay float.
+With lora.quantize_base=int8 (QLoRA-style) every adaptable base projection weight and the routed experts are held
+as `quantize.Int8Weight`s (`quantize_base`), filled from the float base of checkpoint.init_from
+(`load_quantized_base`); embeddings, norms, routers and MLA's latent down-projections stay float.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ConfigError, LoRAConfig
-from transformer.quantize import Int8Weight, Quantized, round_trip
+from transformer.quantize import Int8Weight, QuantizationScale, Quantized, round_trip
 
 # projection name -> weight attribute (the first the module has), per module kind (class name): the weights
 # `project` is called with
@@ -230,4 +230,5 @@ def parameter_counts(state: nnx.State, cfg: LoRAConfig) -> tuple[int, int]:
     """(trained param elements, all param elements) of a model state."""
     def count(tree):
         return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
-    return count(nnx.filter_state(state, trainable(cfg))), count(nnx.filter_state(state, nnx.Param))
+    weights = nnx.All(nnx.Param, nnx.Not(QuantizationScale))
+    return count(nnx.filter_state(state, trainable(cfg))), count(nnx.filter_state(state, weights))

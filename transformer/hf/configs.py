@@ -26,6 +26,20 @@ NOT_YET = {  # families whose options the library does not have yet
 }
 _DEEPSEEK_LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV2 q_a / kv_a norms use it whatever rms_norm_eps says
 _DEEPSEEK_TOPK = {"greedy", "group_limited_greedy"}
+_DEEPSEEK_DEFAULTS = dict(first_k_dense_replace=0, kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=64,
+                          n_shared_experts=2, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                          moe_intermediate_size=1407, routed_scaling_factor=1.0)  # DeepseekV2Config's
+
+
+def _deepseek(hf: dict, key: str):
+    """hf[key], DeepseekV2Config's default when absent (q_lora_rank may be null: full-rank queries)."""
+    return hf.get(key, _DEEPSEEK_DEFAULTS[key])
+
+
+def _required(hf: dict, key: str):
+    if hf.get(key) is None:
+        raise _refuse(key, hf.get(key), "is required (the library will not guess it)")
+    return hf[key]
 _ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
 _UNSUPPORTED_IF_TRUE = ("use_qk_norm", "qk_layernorm")
 _UNSUPPORTED_IF_NONZERO = ("attention_dropout", "hidden_dropout", "router_jitter_noise")
@@ -144,7 +158,7 @@ def _llama_like(hf: dict, model_type: str) -> ModelConfig:
 
 def _deepseek_moe(hf: dict, layers: int) -> MoEConfig:
     """MoEConfig of a deepseek_v2 config.json: dense (no experts) when first_k_dense_replace covers every layer."""
-    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    first_dense = int(_deepseek(hf, "first_k_dense_replace") or 0)
     if first_dense >= layers:
         return MoEConfig()
     if int(hf.get("moe_layer_freq", 1)) != 1:
@@ -162,11 +176,11 @@ def _deepseek_moe(hf: dict, layers: int) -> MoEConfig:
     grouped = method == "group_limited_greedy"
     coef = float(hf.get("aux_loss_alpha") or 0.0)
     seq_aux = bool(hf.get("seq_aux", True))
-    return MoEConfig(num_experts=int(hf.get("n_routed_experts") or hf.get("num_experts") or 0),
-                     top_k=int(hf["num_experts_per_tok"]), router="softmax_topk", dropless=True,
-                     first_dense_layers=first_dense, num_shared_experts=int(hf.get("n_shared_experts") or 0),
-                     d_ff_expert=int(hf["moe_intermediate_size"]),
-                     routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
+    return MoEConfig(num_experts=int(_deepseek(hf, "n_routed_experts")),
+                     top_k=int(_required(hf, "num_experts_per_tok")), router="softmax_topk", dropless=True,
+                     first_dense_layers=first_dense, num_shared_experts=int(_deepseek(hf, "n_shared_experts") or 0),
+                     d_ff_expert=int(_deepseek(hf, "moe_intermediate_size")),
+                     routed_scale=float(_deepseek(hf, "routed_scaling_factor")),
                      router_groups=int(hf.get("n_group") or 1) if grouped else 1,
                      router_top_groups=int(hf.get("topk_group") or 1) if grouped else 1,
                      load_balance_coef=0.0 if seq_aux else coef, seq_balance_coef=coef if seq_aux else 0.0,
@@ -195,15 +209,14 @@ def _deepseek_v2(hf: dict) -> ModelConfig:
     rope = _rope(hf, deepseek=True)
     if rope["rope_scaling"] == "dynamic_ntk":
         raise _refuse("rope_scaling.rope_type", "dynamic", "MLA's latent cache keeps rotated keys")
-    if _rope_params(hf).get("mscale_all_dim") and rope["rope_scaling"] != "yarn":
-        raise _refuse("rope_scaling.mscale_all_dim", _rope_params(hf)["mscale_all_dim"], "read with YaRN only")
     return ModelConfig(
         architecture="decoder", vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), num_layers=layers,
         num_heads=heads, d_ff=int(hf["intermediate_size"]), activation="swiglu", norm="rmsnorm", norm_position="pre",
         norm_eps=eps, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), position="rope",
-        init_std=float(hf.get("initializer_range", 0.02)), attention="mla", kv_lora_rank=int(hf["kv_lora_rank"]),
-        q_lora_rank=int(hf.get("q_lora_rank") or 0), qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]),
+        init_std=float(hf.get("initializer_range", 0.02)), attention="mla",
+        kv_lora_rank=int(_deepseek(hf, "kv_lora_rank")), q_lora_rank=int(_deepseek(hf, "q_lora_rank") or 0),
+        qk_nope_head_dim=int(_deepseek(hf, "qk_nope_head_dim")), qk_rope_head_dim=int(_deepseek(hf, "qk_rope_head_dim")),
+        v_head_dim=int(_deepseek(hf, "v_head_dim")),
         moe=_deepseek_moe(hf, layers), **rope)
 
 
@@ -273,10 +286,13 @@ def family(cfg: ModelConfig) -> str:
     _require(cfg, "an HF family (GPT-2: 'learned')", position="rope")
     _require(cfg, "a rotary HF family", norm="rmsnorm", activation="swiglu")
     if cfg.moe.num_experts:
-        if cfg.moe.router != "mixtral" or cfg.moe.every_k_layers != 1 or cfg.moe.num_shared_experts:
-            raise ConfigError(f"model.moe (router={cfg.moe.router!r}, every_k_layers={cfg.moe.every_k_layers}, "
-                              f"num_shared_experts={cfg.moe.num_shared_experts}): Mixtral needs router='mixtral', "
-                              "every layer MoE and no shared experts")
+        moe = cfg.moe
+        if (moe.router != "mixtral" or moe.every_k_layers != 1 or moe.num_shared_experts or moe.first_dense_layers
+                or moe.routed_scale != 1.0):
+            raise ConfigError(f"model.moe (router={moe.router!r}, every_k_layers={moe.every_k_layers}, "
+                              f"num_shared_experts={moe.num_shared_experts}, first_dense_layers="
+                              f"{moe.first_dense_layers}, routed_scale={moe.routed_scale}): Mixtral needs "
+                              "router='mixtral', every layer MoE, no shared experts and unscaled gates")
         _require(cfg, "Mixtral", attention_bias="none", mlp_bias=False, attention_pattern="")
         return "mixtral"
     if cfg.attention_bias == "qkv":
@@ -373,7 +389,12 @@ def _rope_keys(cfg: ModelConfig, out: dict) -> dict:
     keys = {}
     mscales = {"mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim}
     saved = {k: v for k, v in (out.get("rope_parameters") or out.get("rope_scaling") or {}).items() if k not in mscales}
-    rope = {"rope_type": {v: k for k, v in _ROPE_TYPES.items()}[cfg.rope_scaling], "rope_theta": cfg.rope_theta}
+    hf_types = {v: k for k, v in _ROPE_TYPES.items()}
+    if cfg.rope_scaling not in hf_types:
+        raise ConfigError(f"model.rope_scaling={cfg.rope_scaling!r}: no Hugging Face rope_type computes it; use one of "
+                          f"{', '.join(hf_types)}")
+    type_key = "type" if "type" in saved and "rope_type" not in saved else "rope_type"  # as the saved config has it
+    rope = {type_key: hf_types[cfg.rope_scaling], "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling != "none":
         rope["factor"] = cfg.rope_scaling_factor
     if cfg.rope_scaling in ("yarn", "llama3"):
@@ -407,9 +428,13 @@ def _deepseek_keys(cfg: ModelConfig, out: dict) -> dict:
     keys.update(first_k_dense_replace=moe.first_dense_layers, moe_layer_freq=1, n_routed_experts=moe.num_experts,
                 num_experts_per_tok=moe.top_k, n_shared_experts=moe.num_shared_experts,
                 moe_intermediate_size=moe.d_ff_expert or cfg.ffn_dim, routed_scaling_factor=moe.routed_scale,
-                topk_method="group_limited_greedy" if grouped else "greedy", norm_topk_prob=False,
-                scoring_func="softmax", aux_loss_alpha=moe.seq_balance_coef or moe.load_balance_coef,
-                seq_aux=bool(moe.seq_balance_coef) or not moe.load_balance_coef)
-    if grouped or "n_group" in out:
-        keys.update(n_group=moe.router_groups, topk_group=moe.router_top_groups)
+                norm_topk_prob=False, scoring_func="softmax")
+    saved_grouped = out.get("topk_method") == "group_limited_greedy"
+    if grouped or not saved_grouped or (out.get("n_group") or 1) > 1:  # else: grouped in name only, kept as saved
+        keys["topk_method"] = "group_limited_greedy" if grouped else "greedy"
+        if grouped or "n_group" in out:
+            keys.update(n_group=moe.router_groups, topk_group=moe.router_top_groups)
+    coef = moe.seq_balance_coef or moe.load_balance_coef
+    if coef or out.get("aux_loss_alpha"):
+        keys.update(aux_loss_alpha=coef, seq_aux=bool(moe.seq_balance_coef))
     return keys | _rope_keys(cfg, out)

@@ -23,10 +23,8 @@ _ACT = ("batch", "length", "embed")
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    """Whether layer `layer` of a stack has the MoE FFN: (layer + 1) % moe.every_k_layers == 0, past the
-    moe.first_dense_layers."""
-    return (cfg.moe.num_experts > 0 and layer >= cfg.moe.first_dense_layers
-            and (layer + 1) % cfg.moe.every_k_layers == 0)
+    """`ModelConfig.is_moe_layer`."""
+    return cfg.is_moe_layer(layer)
 
 
 class Block(nnx.Module):
