@@ -21,6 +21,7 @@ def check_rows(rows, expected: set, tmp_path) -> None:
     assert (tmp_path / "bench.csv").read_text().count("\n") == len(rows) + 1
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; ring exactness: tests/test_ring_attention.py
 def test_zigzag_ring_of_one_and_four_runs_and_matches_the_reference(tmp_path):
     check_rows(run_bench(tmp_path, "ring"), {("ring", 1), ("ring", 4)}, tmp_path)
 

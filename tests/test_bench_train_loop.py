@@ -13,6 +13,7 @@ from test_train import STEPS, TINY
 TINY_OVERRIDES = TINY[2:]  # without --preset tiny: the bench picks the preset
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; loop equivalence: tests/test_train_loop.py
 def test_both_loops_run_and_their_breakdowns_add_up(tmp_path):
     out = bench.main(["--preset", "cpu", "--models", "tiny", "--steps", str(STEPS), "--repeats", "1",
                       "--first-step-steps", "0", "--runs-dir", str(tmp_path / "runs"),

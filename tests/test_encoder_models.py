@@ -123,7 +123,8 @@ def one_device_steps(architecture: str):
 # ---------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [pytest.param(a, marks=pytest.mark.slow) if a == "decoder" else a
+                                          for a in ARCHITECTURES])  # decoder: test_model / test_train overfit it
 def test_tiny_model_overfits_a_fixed_batch(architecture):
     batch = BATCHES[architecture]()
     history, _ = train_steps(config(architecture), mesh_of(data=1), [batch] * 40)

@@ -45,7 +45,8 @@ def decode_logits(model_cfg, state, prompt_BL, new_BL, mesh):
     return np.stack(out, axis=1), cache
 
 
-@pytest.mark.parametrize("mesh_cfg", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.shape.items() if v > 1))
+@pytest.mark.parametrize("mesh_cfg", [pytest.param(MESHES[0], marks=pytest.mark.slow), *MESHES[1:]],
+                         ids=lambda m: "x".join(f"{k}{v}" for k, v in m.shape.items() if v > 1))
 def test_split_cache_decode_equals_one_device(mesh_cfg):
     model = build_model(MODEL, rngs=nnx.Rngs(0))
     state = nnx.state(model)
@@ -62,7 +63,8 @@ def test_split_cache_decode_equals_one_device(mesh_cfg):
     np.testing.assert_allclose(got[:, 1:], np.asarray(full)[:, 16:], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("mesh_cfg", MESHES[:2], ids=["sequence8", "data2_sequence2_tensor2"])
+@pytest.mark.parametrize("mesh_cfg", [pytest.param(MESHES[0], marks=pytest.mark.slow), MESHES[1]],
+                         ids=["sequence8", "data2_sequence2_tensor2"])
 def test_split_cache_generation_equals_one_device(mesh_cfg):
     model = build_model(MODEL, rngs=nnx.Rngs(0))
     cfg = Config(model=MODEL)

@@ -8,6 +8,7 @@ import pytest
 import long_context as lc
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; ring == dense: tests/test_sharding.py
 def test_ring_step_matches_dense_step_and_writes_results(tmp_path):
     out = lc.main(["--preset", "cpu", "--lengths", "256", "--check-len", "256", "--steps", "1",
                    "--results-dir", str(tmp_path), "model.num_layers=1"])

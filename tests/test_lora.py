@@ -233,7 +233,7 @@ def test_merge_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("q_lora_rank", [0, 8], ids=["full_rank_q", "low_rank_q"])
+@pytest.mark.parametrize("q_lora_rank", [pytest.param(0, marks=pytest.mark.slow), 8], ids=["full_rank_q", "low_rank_q"])
 def test_mla_adapters_merge_exactly_and_decode_through_the_latent_cache(q_lora_rank):
     """LoRA on MLA's q (or its up-projection), per-head key / value up-projections and output: the adapted model
     equals its merge, and its latent-cache decode (which absorbs the adapted up-projections) equals its full
@@ -276,6 +276,7 @@ def test_int8_weights_read_as_their_dequantized_values_within_half_a_step():
     np.testing.assert_array_equal(np.asarray(int8[1]), np.asarray(values[1] * scale[1]))
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; int8 weights and options stay in the default run
 def test_qlora_run_trains_adapters_on_an_int8_base_and_loads_as_it_trained(tmp_path, base_run):
     from transformer.quantize import Int8Weight, Quantized
 

@@ -107,6 +107,7 @@ def test_layer_equals_numpy_equations(overrides):
     assert np.abs(want).std() > 0.1
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; forward per kernel stays in the default run
 def test_gradients_agree_across_kernels():
     """The zero-padded value width changes nothing in the backward either: blockwise == reference."""
     grads = []

@@ -124,6 +124,8 @@ def test_scan_equals_unrolled_with_pattern_groups_of_moe_blocks_and_a_leftover_m
         np.testing.assert_allclose(value, aux_unrolled[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; the lead group decodes in test_inference and
+# imports against float64 in test_hf_convert (deepseek_v2)
 def test_first_dense_layers_lead_the_scanned_moe_groups_and_scan_equals_unrolled():
     # DeepSeek's layout: layer 0 dense, then (MoE local, MoE global) groups, one leftover MoE local layer
     moe = MoEConfig(num_experts=4, top_k=2, first_dense_layers=1, router_groups=2, router_top_groups=1,

@@ -240,6 +240,7 @@ def _assert_matches_one_device(model_cfg: ModelConfig, axes: dict, *, min_split:
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; data parallel is part of the mixed-mesh tests
 def test_data_parallel_matches_one_device():
     _assert_matches_one_device(_model_cfg(), dict(data=8), min_split=0.0)
 
@@ -266,7 +267,7 @@ def test_expert_parallel_matches_one_device():
     _assert_matches_one_device(_model_cfg(moe=moe), dict(expert=4, data=2), min_split=0.5)
 
 
-@pytest.mark.parametrize("architecture", ["decoder", "encoder", "encoder_decoder"])
+@pytest.mark.parametrize("architecture", ["decoder", "encoder", pytest.param("encoder_decoder", marks=pytest.mark.slow)])
 def test_mixed_fsdp_sequence_tensor_matches_one_device(architecture):
     _assert_matches_one_device(_model_cfg(architecture), dict(fsdp=2, sequence=2, tensor=2), min_split=0.9)
 

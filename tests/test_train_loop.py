@@ -202,6 +202,7 @@ def test_slow_device_step_hides_the_host_work_and_shows_as_device_time(tmp_path,
 # ---------------------------------------------------------------- profiler
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; the profiler is jax's
 def test_profile_steps_writes_a_trace_of_those_steps(tmp_path):
     run_dir = tmp_path / "run"
     train.train(tiny_config(run_dir, "profile_steps=2,4"))
