@@ -116,6 +116,7 @@ def greedy_answer(model, tokens_L: np.ndarray, start: int, end: int) -> np.ndarr
     return tokens[start:end]
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes (passkey evaluation: -m slow)
 def test_passkey_accuracy_is_the_greedy_exact_match_rate(noisy, monkeypatch):
     loaded = noisy
     model = nnx.merge(loaded.graphdef, loaded.state)

@@ -90,6 +90,7 @@ def test_cli_equals_generator(run_dir, tmp_path, capsys):
     assert alone[0] != alone[1]
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; the other CLI tests read sources the same way
 def test_interactive_lines_are_sources(run_dir, monkeypatch, capsys):
     """interactive=true: each stdin line is a new source, generated from BOS like source=<line>."""
     import io

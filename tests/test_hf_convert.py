@@ -392,8 +392,8 @@ TOKENS = np.random.default_rng(7).integers(0, V, 12)
 # ---------------------------------------------------------------- tests
 
 
-SLOW_FAMILIES = ("gpt2_exact_gelu_untied", "llama_biases", "mixtral", "deepseek_v2_lite")  # covered in the default run by their siblings
-# and by the sharded bfloat16 folder test; run with -m slow
+SLOW_FAMILIES = ("gpt2", "gpt2_exact_gelu_untied", "llama_biases", "mixtral", "deepseek_v2_lite")  # covered in the
+# default run by their siblings, the GPT-2 hub-layout test and the sharded bfloat16 folder test; run with -m slow
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n

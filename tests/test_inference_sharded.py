@@ -63,8 +63,8 @@ def test_split_cache_decode_equals_one_device(mesh_cfg):
     np.testing.assert_allclose(got[:, 1:], np.asarray(full)[:, 16:], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("mesh_cfg", [pytest.param(MESHES[0], marks=pytest.mark.slow), MESHES[1]],
-                         ids=["sequence8", "data2_sequence2_tensor2"])
+@pytest.mark.slow  # keeps the default suite under 15 minutes; decode equality on these meshes stays in it
+@pytest.mark.parametrize("mesh_cfg", MESHES[:2], ids=["sequence8", "data2_sequence2_tensor2"])
 def test_split_cache_generation_equals_one_device(mesh_cfg):
     model = build_model(MODEL, rngs=nnx.Rngs(0))
     cfg = Config(model=MODEL)

@@ -91,7 +91,8 @@ def layer_params(layer) -> dict:
 
 @pytest.mark.parametrize("overrides", [
     pytest.param(dict(), marks=pytest.mark.slow),
-    dict(q_lora_rank=0, v_head_dim=20, attention_kernel="blockwise", attention_block_size=4),
+    pytest.param(dict(q_lora_rank=0, v_head_dim=20, attention_kernel="blockwise", attention_block_size=4),
+                 marks=pytest.mark.slow),
     dict(qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0, sliding_window=5, attention_kernel="blockwise",
          attention_block_size=4),
 ], ids=["q_lora-v6-reference", "full_rank_q-v20-blockwise", "default_widths-window5-blockwise"])
@@ -184,7 +185,7 @@ def test_deepseek_v2_attention_params_and_cache_bytes_equal_the_paper():
 
 @pytest.mark.parametrize("axes, zigzag", [pytest.param(dict(data=2, fsdp=1, tensor=4), False, marks=pytest.mark.slow),
                                           pytest.param(dict(fsdp=2, tensor=4), False, marks=pytest.mark.slow),
-                                          (dict(sequence=2, tensor=4), True)],
+                                          pytest.param(dict(sequence=2, tensor=4), True, marks=pytest.mark.slow)],
                          ids=["data2_tensor4", "fsdp2_tensor4", "ring_sequence2_tensor4"])
 def test_sharded_forward_equals_one_device(axes, zigzag):
     cfg = cfg_with(attention_kernel="blockwise", attention_block_size=4, tie_embeddings=False)

@@ -267,7 +267,8 @@ def test_expert_parallel_matches_one_device():
     _assert_matches_one_device(_model_cfg(moe=moe), dict(expert=4, data=2), min_split=0.5)
 
 
-@pytest.mark.parametrize("architecture", ["decoder", "encoder", pytest.param("encoder_decoder", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("architecture", ["decoder", pytest.param("encoder", marks=pytest.mark.slow),
+                                          pytest.param("encoder_decoder", marks=pytest.mark.slow)])
 def test_mixed_fsdp_sequence_tensor_matches_one_device(architecture):
     _assert_matches_one_device(_model_cfg(architecture), dict(fsdp=2, sequence=2, tensor=2), min_split=0.9)
 

@@ -79,7 +79,7 @@ def test_greedy_matches_target_generate(models, reference, draft):
     check_cache(models["target"], result)
 
 
-@pytest.mark.parametrize("draft", ["window_near", "lookup"])
+@pytest.mark.parametrize("draft", [pytest.param("window_near", marks=pytest.mark.slow), "lookup"])
 def test_greedy_sliding_window_ring_buffer(models, draft):
     target = models["window"]
     reference = target.generate(PROMPTS, GREEDY)

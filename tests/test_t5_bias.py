@@ -382,7 +382,8 @@ def test_model_is_relative_and_table_gradient_matches_reference(architecture):
     assert_close(results["blockwise"][1], results["reference"][1], 1e-4, "d table")
 
 
-@pytest.mark.parametrize("axes", [dict(sequence=2, tensor=2), pytest.param(dict(data=2, sequence=4),
+@pytest.mark.parametrize("axes", [pytest.param(dict(sequence=2, tensor=2), marks=pytest.mark.slow),
+                                  pytest.param(dict(data=2, sequence=4),
                                                                          marks=pytest.mark.slow)],
                          ids=["seq2_tensor2", "data2_seq4"])
 def test_model_on_a_sequence_mesh_equals_one_device(axes):

@@ -137,6 +137,7 @@ def test_nan_guard_one_step_behind_names_the_first_bad_step_and_never_saves_afte
 # ---------------------------------------------------------------- step-time breakdown
 
 
+@pytest.mark.slow  # keeps the default suite under 15 minutes; the breakdown itself is checked by the other loop tests
 def test_breakdown_shows_a_slow_input_pipeline(tmp_path, monkeypatch):
     fetch = train.local_batch
 
