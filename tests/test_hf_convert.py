@@ -166,7 +166,8 @@ def deepseek_tensors(config: dict, normal, dtype) -> dict[str, np.ndarray]:
                 m + "shared_experts.up_proj.weight": normal(shared, D),
                 m + "shared_experts.down_proj.weight": normal(D, shared)}
         for e in range(E):
-            out |= {m + f"experts.{e}.gate_proj.weight": normal(FE, D), m + f"experts.{e}.up_proj.weight": normal(FE, D),
+            out |= {m + f"experts.{e}.gate_proj.weight": normal(FE, D),
+                    m + f"experts.{e}.up_proj.weight": normal(FE, D),
                     m + f"experts.{e}.down_proj.weight": normal(D, FE)}
     return out
 

@@ -100,8 +100,7 @@ def import_hf(source: str | Path, run_dir: str | Path, overrides: list[str] = ()
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.use_mesh(mesh):
         abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))))
-        shardings = sharding.state_shardings(abstract, mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract, _ = sharding.placed(abstract, mesh)
         weights.check_folder(folder, cfg.model, nnx.to_pure_dict(abstract))
         state = weights.import_state(folder, cfg.model, abstract)
         with Checkpointer(str(run_dir), cfg.checkpoint, config=cfg) as ckpt:

@@ -4,7 +4,8 @@
 with MLA q (or its up-projection with low-rank queries), the per-head key and value up-projections from the latent
 as k and v, and o; MLP and MoE shared-expert gate, up, down; routed experts are not adapted) of a built model;
 `project` adds its output. MLA's decode, which absorbs the key and value up-projections into the query and output,
-uses them with the adapter folded in (`adapted_weight`). A starts normal with std 1 / sqrt(fan-in) and B at zero, so at init the model is the base model exactly.
+uses them with the adapter folded in (`adapted_weight`). A starts normal with std 1 / sqrt(fan-in) and B at zero,
+so at init the model is the base model exactly.
 Adapter weights are `LoRAParam`s (an nnx.Param subclass) with the logical axes of their projection (the input
 axes and a replicated rank axis for A, the rank and the output axes for B; a scanned stack's "layers" axis first),
 so they shard like it. Training differentiates and optimizes `LoRAParam`s only (`trainable`); the base params are
@@ -93,6 +94,11 @@ class LoRA(nnx.Module):
         return y * jnp.asarray(self.scale, dtype)
 
 
+def adapter(module: nnx.Module, name: str) -> LoRA | None:
+    """The adapter `add_adapters` attached to `module`'s projection `name`, or None."""
+    return getattr(module, f"{name}_lora", None)
+
+
 def adapted_modules(model: nnx.Module):
     """(module, projection name, weight attribute) of every projection `add_adapters` can adapt."""
     for _, module in nnx.iter_graph(model):
@@ -113,7 +119,7 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> int:
             continue
         weight = getattr(module, attribute)
         axes = weight.get_metadata().get("logical_axes") or (None,) * weight.ndim
-        stacked = sum(1 for axis in axes if axis == "layers")
+        stacked = _stacked(weight)
         inputs = INPUT_AXES[name]
         shape = weight.shape
         setattr(module, f"{name}_lora", LoRA(
@@ -161,11 +167,11 @@ def merge_adapters(model: nnx.Module) -> int:
     """Fold every adapter into its base weight (W += alpha / r * A B, in float32) and remove it; returns how many."""
     merged = 0
     for module, name, attribute in list(adapted_modules(model)):
-        adapter = getattr(module, f"{name}_lora", None)
-        if adapter is None:
+        term = adapter(module, name)
+        if term is None:
             continue
         weight = getattr(module, attribute)
-        weight[...] = adapted_weight(weight[...], adapter, INPUT_AXES[name], jnp.float32).astype(weight.dtype)
+        weight[...] = adapted_weight(weight[...], term, INPUT_AXES[name], jnp.float32).astype(weight.dtype)
         delattr(module, f"{name}_lora")
         merged += 1
     return merged

@@ -31,7 +31,7 @@ from transformer import sharding
 from transformer.config import ARCHITECTURES, REMAT_POLICIES, ConfigError, ModelConfig
 from transformer.inference.cache import KV, KVCache, plan_write
 from transformer.layers import latent_attention
-from transformer.layers.block import LayerGroup, is_moe_layer
+from transformer.layers.block import LayerGroup
 from transformer.layers.embed import Embed, check_tokens
 from transformer.layers.moe import expert_capacity
 from transformer.layers.norms import make_norm
@@ -365,7 +365,7 @@ def _layer_matmul_params(cfg: ModelConfig, *, moe: bool, cross: bool, experts: f
 
 
 def _moe_layers(cfg: ModelConfig, num_layers: int) -> int:
-    return sum(is_moe_layer(cfg, layer) for layer in range(num_layers))
+    return sum(cfg.is_moe_layer(layer) for layer in range(num_layers))
 
 
 def _stack_matmul_params(cfg: ModelConfig, num_layers: int, *, cross: bool, experts: float) -> float:

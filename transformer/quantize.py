@@ -4,8 +4,8 @@ A weight W becomes int8 values q = round(W / s) in [-127, 127] with one float32 
 output feature (the max over the axes the projection contracts), so |W - q s| <= s / 2 everywhere. An
 `Int8Weight` stands where the float `nnx.Param` stood and reads like it: `w[...]` is the dequantized float32
 array, so projections, MoE experts and MLA's absorbed decode use it unchanged. Training needs a model.remat
-policy: without one the backward pass keeps every dequantized weight (`experiments/qlora_memory.py`). Its two arrays are `Quantized`
-params: frozen (LoRA trains `LoRAParam`s only), left out of LoRA checkpoints like the rest of the base (they are
+policy: without one the backward pass keeps every dequantized weight (`experiments/qlora_memory.py`). Its two
+arrays are `Quantized` params: frozen (LoRA trains `LoRAParam`s only), left out of LoRA checkpoints like the rest of the base (they are
 remade from checkpoint.init_from), and sharded with the weight's logical axes (the scale's contracted axes are
 size 1 and unsharded).
 """
@@ -49,7 +49,8 @@ class Int8Weight(nnx.Module):
         values, scale = quantize(weight[...], contracted)
         self.contracted = tuple(contracted)
         self.values = Quantized(values, logical_axes=axes)
-        self.scale = QuantizationScale(scale, logical_axes=tuple(None if i in contracted else a for i, a in enumerate(axes)))
+        scale_axes = tuple(None if i in contracted else axis for i, axis in enumerate(axes))
+        self.scale = QuantizationScale(scale, logical_axes=scale_axes)
 
     def __getitem__(self, index):
         return (self.values[...].astype(jnp.float32) * self.scale[...])[index]

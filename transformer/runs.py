@@ -68,9 +68,8 @@ def load_model(source, *, model_cfg: ModelConfig | None = None, overrides: Seque
         return LoadedModel(dataclasses.replace(cfg, lora=LoRAConfig()), graphdef, state, mesh)
     with sharding.use_mesh(mesh):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))))
-        shardings = sharding.state_shardings(abstract, mesh)
+        target, shardings = sharding.placed(abstract, mesh)
         if saved is None:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
             state = restore_params(str(source), target)
         else:
             _check_shapes(saved, abstract)
@@ -89,8 +88,7 @@ def adapted_model(run_dir: str | Path, cfg: Config, mesh) -> nnx.Module:
             return model
 
         graphdef, abstract = nnx.split(nnx.eval_shape(build))
-        shardings = sharding.state_shardings(abstract, mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract, _ = sharding.placed(abstract, mesh)
         base = restore_params(cfg.checkpoint.init_from, nnx.filter_state(abstract, lora.BASE))
         adapters = restore_params(str(run_dir), lora.without_base(abstract))
         model = nnx.merge(graphdef, nnx.merge_state(base, adapters))

@@ -138,6 +138,16 @@ def mesh_axis_size(mesh: Mesh | None, logical_axis: str) -> int:
     return math.prod(mesh.shape[a] for a in _RULES[logical_axis])
 
 
+def placed(abstract, mesh: Mesh):
+    """(abstract with each leaf a ShapeDtypeStruct carrying its `state_shardings` sharding, those shardings): the
+    target of a sharded restore or jit; allocates nothing."""
+    import jax
+
+    shardings = state_shardings(abstract, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        shardings), shardings
+
+
 def state_shardings(state, mesh: Mesh):
     """NamedShardings for an nnx.State (or any pytree of nnx.Variables) from each
     variable's `logical_axes` metadata; variables without it are replicated."""

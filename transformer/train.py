@@ -130,8 +130,7 @@ class TrainState(nnx.Module):
 def abstract_train_state(cfg: Config, mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, abstract state with each leaf a sharded ShapeDtypeStruct, shardings); allocates nothing."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TrainState(cfg)))
-    shardings = sharding.state_shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract, shardings = sharding.placed(abstract, mesh)
     return graphdef, abstract, shardings
 
 
@@ -184,9 +183,7 @@ def _float_base(cfg: Config, model: nnx.Module, shardings) -> dict:
     quantized = {tuple(path) for path, node in nnx.iter_graph(model) if isinstance(node, Int8Weight)}
     plain = nnx.state(nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
     target = nnx.filter_state(plain, lambda path, _: tuple(path) in quantized)
-    mesh = jax.tree.leaves(shardings)[0].mesh
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
-                          sharding.state_shardings(target, mesh))
+    target, _ = sharding.placed(target, jax.tree.leaves(shardings)[0].mesh)
     return nnx.to_pure_dict(restore_params(cfg.checkpoint.init_from, target))
 
 

@@ -6,8 +6,8 @@ biases; its sliding window on the layers from max_window_layers on, or as `layer
 model.attention_pattern), GPT-2 (learned absolute positions, LayerNorm, biases on every projection, tanh
 GELU, tied output) and DeepSeek-V2 / V2-Lite (model.attention="mla"; dense first_k_dense_replace layers, then
 softmax top-k experts, greedy or group-limited, gates times routed_scaling_factor, plus shared experts; YaRN
-with DeepSeek's mscale / mscale_all_dim). A config.json option the library cannot compute (an unknown `model_type`, another
-activation, router noise, GPT-2's per-layer score scaling, ...) is refused with a ConfigError naming the
+with DeepSeek's mscale / mscale_all_dim). A config.json option the library cannot compute (an unknown
+`model_type`, another activation, router noise, GPT-2's per-layer score scaling, ...) is refused with a ConfigError naming the
 field. Keys that do not change the function (token ids, `use_cache`, GPT-2's dropout rates, ...) are kept
 in the run directory and written back on export, so an import/export round trip returns the same
 config.json.
@@ -29,6 +29,16 @@ _DEEPSEEK_TOPK = {"greedy", "group_limited_greedy"}
 _DEEPSEEK_DEFAULTS = dict(first_k_dense_replace=0, kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=64,
                           n_shared_experts=2, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                           moe_intermediate_size=1407, routed_scaling_factor=1.0)  # DeepseekV2Config's
+_ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
+_UNSUPPORTED_IF_TRUE = ("use_qk_norm", "qk_layernorm")
+_UNSUPPORTED_IF_NONZERO = ("attention_dropout", "hidden_dropout", "router_jitter_noise")
+_GPT2_UNSUPPORTED_IF_TRUE = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_LOCAL, _GLOBAL = "sliding_attention", "full_attention"  # Qwen2's layer_types
+
+
+def _refuse(field: str, value, why: str) -> ConfigError:
+    return ConfigError(f"config.json {field}={value!r}: {why}")
 
 
 def _deepseek(hf: dict, key: str):
@@ -40,16 +50,6 @@ def _required(hf: dict, key: str):
     if hf.get(key) is None:
         raise _refuse(key, hf.get(key), "is required (the library will not guess it)")
     return hf[key]
-_ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3"}
-_UNSUPPORTED_IF_TRUE = ("use_qk_norm", "qk_layernorm")
-_UNSUPPORTED_IF_NONZERO = ("attention_dropout", "hidden_dropout", "router_jitter_noise")
-_GPT2_UNSUPPORTED_IF_TRUE = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
-_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-_LOCAL, _GLOBAL = "sliding_attention", "full_attention"  # Qwen2's layer_types
-
-
-def _refuse(field: str, value, why: str) -> ConfigError:
-    return ConfigError(f"config.json {field}={value!r}: {why}")
 
 
 def _rope_params(hf: dict) -> dict:
@@ -80,9 +80,7 @@ def _rope(hf: dict, *, deepseek: bool = False) -> dict:
     if kind == "yarn":
         mscale, mscale_all_dim = float(params.get("mscale") or 0.0), float(params.get("mscale_all_dim") or 0.0)
         fields.update(yarn_mscale=mscale, yarn_mscale_all_dim=mscale_all_dim)
-        default_factor = pos_ops.rope_inv_freq(2, scaling="yarn", factor=fields["rope_scaling_factor"],
-                                               original_max_len=fields["max_seq_len"], yarn_mscale=mscale,
-                                               yarn_mscale_all_dim=mscale_all_dim)[1]
+        default_factor = pos_ops.yarn_rotation_scale(fields["rope_scaling_factor"], mscale, mscale_all_dim)
         if params.get("attention_factor") not in (None, default_factor):
             raise _refuse("rope_scaling.attention_factor", params["attention_factor"],
                           f"the library computes {default_factor} from factor (and DeepSeek's mscales)")
@@ -204,7 +202,8 @@ def _deepseek_v2(hf: dict) -> ModelConfig:
     if eps != _DEEPSEEK_LATENT_NORM_EPS:
         raise _refuse("rms_norm_eps", eps, f"transformers' DeepseekV2 normalises the q/kv latents with eps "
                                            f"{_DEEPSEEK_LATENT_NORM_EPS} whatever this says; the library uses one "
-                                           f"model.norm_eps for every norm, so it reads only {_DEEPSEEK_LATENT_NORM_EPS}")
+                                           "model.norm_eps for every norm, so it reads only "
+                                           f"{_DEEPSEEK_LATENT_NORM_EPS}")
     layers = int(hf["num_hidden_layers"])
     rope = _rope(hf, deepseek=True)
     if rope["rope_scaling"] == "dynamic_ntk":
@@ -215,7 +214,8 @@ def _deepseek_v2(hf: dict) -> ModelConfig:
         norm_eps=eps, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), position="rope",
         init_std=float(hf.get("initializer_range", 0.02)), attention="mla",
         kv_lora_rank=int(_deepseek(hf, "kv_lora_rank")), q_lora_rank=int(_deepseek(hf, "q_lora_rank") or 0),
-        qk_nope_head_dim=int(_deepseek(hf, "qk_nope_head_dim")), qk_rope_head_dim=int(_deepseek(hf, "qk_rope_head_dim")),
+        qk_nope_head_dim=int(_deepseek(hf, "qk_nope_head_dim")),
+        qk_rope_head_dim=int(_deepseek(hf, "qk_rope_head_dim")),
         v_head_dim=int(_deepseek(hf, "v_head_dim")),
         moe=_deepseek_moe(hf, layers), **rope)
 

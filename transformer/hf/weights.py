@@ -135,8 +135,6 @@ def _rope_pairs(x, start: int):
 
 
 def _deepseek_map(cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
-    from transformer.layers.block import is_moe_layer
-
     D, H, C, Cq = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
     N, R, V, E = cfg.nope_dim, cfg.rope_dim, cfg.value_dim, cfg.moe.num_experts
     top = [_as_is(("embed", "tokens_VD"), "model.embed_tokens.weight"),
@@ -168,8 +166,8 @@ def _deepseek_map(cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
         _as_is(("ffn_norm", "scale"), p + "post_attention_layernorm.weight"),
     ]
     m = p + "mlp."
-    dense = lambda i: not is_moe_layer(cfg, i)
-    moe = lambda i: is_moe_layer(cfg, i)
+    dense = lambda i: not cfg.is_moe_layer(i)
+    moe = cfg.is_moe_layer
     for leaf, proj in (("gate_DF", "gate_proj"), ("up_DF", "up_proj"), ("down_FD", "down_proj")):
         layer.append(dataclasses.replace(_transposed(("ffn", leaf), m + f"{proj}.weight"), in_layer=dense))
     if E:

@@ -6,8 +6,8 @@ K slots per row hold the G key/value heads of every layer (MQA/GQA keys are neve
 multi-head latent attention (`layers.latent_attention`) they hold one latent of width kv_lora_rank +
 qk_rope_head_dim and the value array is empty. A slot records the position of the token it holds in
 `positions_BK` (`EMPTY` for none), and attention masks by those positions through the layer's
-`AttentionMask`, so empty slots, padding and a sliding window's ring buffer need no other mask code. A token at position p goes to slot p mod K: with K >= the longest
-sequence that is the plain cache, with K = window (+ extra slots) it is a ring buffer whose memory is
+`AttentionMask`, so empty slots, padding and a sliding window's ring buffer need no other mask code. A
+token at position p goes to slot p mod K: with K >= the longest sequence that is the plain cache, with K = window (+ extra slots) it is a ring buffer whose memory is
 bounded however long generation runs. Keys are stored after RoPE, except with dynamic NTK scaling,
 whose frequencies change with the current length: then the cache keeps them unrotated and attention
 rotates them with the current frequencies.

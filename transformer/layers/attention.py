@@ -30,6 +30,7 @@ from transformer.config import ModelConfig
 from transformer.inference.cache import KV, rotated_in_cache
 from transformer.inference.decode_attention import cached_attention, write_slots
 from transformer.layers.projection import bias_param, project
+from transformer.lora import adapter
 from transformer.ops import attention as attention_ops
 from transformer.ops import positions as pos_ops
 from transformer.ops.mask import AttentionMask, RelativeBuckets
@@ -150,16 +151,16 @@ class Attention(nnx.Module):
 
     def _queries(self, x_BLD):
         return sharding.constrain(project("BLD,DHW->BLHW", x_BLD, self.q_DHW, self.q_bias, self.dtype,
-                                          getattr(self, "q_lora", None)), _Q_AXES)
+                                          adapter(self, "q")), _Q_AXES)
 
     def _keys_values(self, source_BSD):
         return tuple(sharding.constrain(project("BSD,DGW->BSGW", source_BSD, w, b, self.dtype, lora), _KV_AXES)
-                     for w, b, lora in ((self.k_DGW, self.k_bias, getattr(self, "k_lora", None)),
-                                        (self.v_DGW, self.v_bias, getattr(self, "v_lora", None))))
+                     for w, b, lora in ((self.k_DGW, self.k_bias, adapter(self, "k")),
+                                        (self.v_DGW, self.v_bias, adapter(self, "v"))))
 
     def _output(self, out_BLHW):
         out_BLHW = sharding.constrain(out_BLHW, _Q_AXES)
-        y_BLD = project("BLHW,HWD->BLD", out_BLHW, self.o_HWD, self.o_bias, self.dtype, getattr(self, "o_lora", None))
+        y_BLD = project("BLHW,HWD->BLD", out_BLHW, self.o_HWD, self.o_bias, self.dtype, adapter(self, "o"))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
 
     def extend(self, x_BLD: jax.Array, kv, layer, write, *, fresh: bool, relative_bias_OH=None):

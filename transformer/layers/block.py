@@ -22,11 +22,6 @@ from transformer.layers.norms import make_norm
 _ACT = ("batch", "length", "embed")
 
 
-def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    """`ModelConfig.is_moe_layer`."""
-    return cfg.is_moe_layer(layer)
-
-
 class Block(nnx.Module):
     """One layer. `__call__` returns (x_BLD, aux): the MoE's aux dict, or {} for a dense MLP."""
 
@@ -39,7 +34,7 @@ class Block(nnx.Module):
         self.cross_norm = make_norm(cfg) if cross else None
         self.cross_attn = Attention(cfg, num_layers=num_layers, cross=True, rngs=rngs) if cross else None
         self.ffn_norm = make_norm(cfg)
-        moe = is_moe_layer(cfg, layer)
+        moe = cfg.is_moe_layer(layer)
         if moe:
             from transformer.layers.moe import MoE
 
@@ -102,8 +97,8 @@ class Block(nnx.Module):
 
 class LayerGroup(nnx.Module):
     """`size` consecutive blocks, layers first_layer .. first_layer + size - 1 of the stack. Scanned groups
-    start at `ModelConfig.lead_layers` plus a multiple of `ModelConfig.layer_group_size`, so they are identical. Returns (x_BLD, aux of its
-    MoE blocks stacked on a leading axis, or {})."""
+    start at `ModelConfig.lead_layers` plus a multiple of `ModelConfig.layer_group_size`, so they are identical.
+    Returns (x_BLD, aux of its MoE blocks stacked on a leading axis, or {})."""
 
     def __init__(self, cfg: ModelConfig, *, first_layer: int, size: int, num_layers: int, causal: bool,
                  cross: bool = False, rngs: nnx.Rngs):

@@ -29,14 +29,9 @@ from transformer.inference.decode_attention import cached_attention, write_slots
 from transformer.layers.attention import _Q_AXES, attend, attention_mask, rope_frequencies
 from transformer.layers.norms import RMSNorm
 from transformer.layers.projection import project
-from transformer.lora import adapted_weight
+from transformer.lora import adapted_weight, adapter
 from transformer.ops import attention as attention_ops
 from transformer.ops import positions as pos_ops
-
-
-def _adapter(layer, name: str):
-    """The LoRA adapter on projection `name` (`transformer.lora`), or None."""
-    return getattr(layer, f"{name}_lora", None)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -87,9 +82,9 @@ class LatentAttention(nnx.Module):
         """Queries (B, L, H, N + R) with RoPE on their last R entries."""
         if self.cfg.q_lora_rank:
             c_BLC = self.q_norm(project("BLD,DC->BLC", x_BLD, self.q_down_DC, None, self.dtype))
-            q_BLHW = project("BLC,CHW->BLHW", c_BLC, self.q_up_CHW, None, self.dtype, _adapter(self, "q"))
+            q_BLHW = project("BLC,CHW->BLHW", c_BLC, self.q_up_CHW, None, self.dtype, adapter(self, "q"))
         else:
-            q_BLHW = project("BLD,DHW->BLHW", x_BLD, self.q_DHW, None, self.dtype, _adapter(self, "q"))
+            q_BLHW = project("BLD,DHW->BLHW", x_BLD, self.q_DHW, None, self.dtype, adapter(self, "q"))
         N = self.cfg.nope_dim
         q_BLHW = jnp.concatenate([q_BLHW[..., :N], pos_ops.apply_rope(q_BLHW[..., N:], positions_BL, *rope)], -1)
         return sharding.constrain(q_BLHW, _Q_AXES)
@@ -104,10 +99,10 @@ class LatentAttention(nnx.Module):
     def _keys_values(self, c_BLC, k_rope_BL1R):
         """Per-head keys (B, L, H, N + R) and values (B, L, H, V) from the latent."""
         H = self.cfg.num_heads
-        k_nope_BLHN = project("BLC,CHN->BLHN", c_BLC, self.k_up_CHN, None, self.dtype, _adapter(self, "k"))
+        k_nope_BLHN = project("BLC,CHN->BLHN", c_BLC, self.k_up_CHN, None, self.dtype, adapter(self, "k"))
         k_rope_BLHR = jnp.broadcast_to(k_rope_BL1R, (*k_rope_BL1R.shape[:2], H, k_rope_BL1R.shape[-1]))
         k_BLHW = jnp.concatenate([k_nope_BLHN, k_rope_BLHR.astype(self.dtype)], -1)
-        v_BLHV = project("BLC,CHV->BLHV", c_BLC, self.v_up_CHV, None, self.dtype, _adapter(self, "v"))
+        v_BLHV = project("BLC,CHV->BLHV", c_BLC, self.v_up_CHV, None, self.dtype, adapter(self, "v"))
         return sharding.constrain(k_BLHW, _Q_AXES), sharding.constrain(v_BLHV, _Q_AXES)
 
     def _scale(self) -> float:
@@ -129,7 +124,7 @@ class LatentAttention(nnx.Module):
 
     def _output(self, out_BLHV):
         y_BLD = project("BLHV,HVD->BLD", sharding.constrain(out_BLHV, _Q_AXES), self.o_HVD, None, self.dtype,
-                        _adapter(self, "o"))
+                        adapter(self, "o"))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))
 
     def __call__(self, x_BLD: jax.Array, *, positions_BL: jax.Array | None = None,
@@ -165,12 +160,12 @@ class LatentAttention(nnx.Module):
             out_BLHV = self._attend(q_BLHW, k_BLHW, v_BLHV, q_positions_BQ=write.positions_BL,
                                     kv_positions_BK=write.key_positions_BL)
         else:
-            k_up_CHN = adapted_weight(self.k_up_CHN[...], _adapter(self, "k"), 1, self.dtype)
+            k_up_CHN = adapted_weight(self.k_up_CHN[...], adapter(self, "k"), 1, self.dtype)
             q_latent_BLHC = jnp.einsum("BLHN,CHN->BLHC", q_BLHW[..., :N], k_up_CHN)
             q_BLHW = jnp.concatenate([q_latent_BLHC, q_BLHW[..., N:]], -1)
             out_BLHW = cached_attention(q_BLHW, kv.k, kv.k, layer, self.mask, q_positions_BQ=write.positions_BL,
                                         cache_positions_BK=write.cache_positions_BK, scale=self._scale(),
                                         block_size=cfg.attention_block_size)
-            v_up_CHV = adapted_weight(self.v_up_CHV[...], _adapter(self, "v"), 1, self.dtype)
+            v_up_CHV = adapted_weight(self.v_up_CHV[...], adapter(self, "v"), 1, self.dtype)
             out_BLHV = jnp.einsum("BLHC,CHV->BLHV", out_BLHW[..., :C], v_up_CHV)
         return self._output(out_BLHV), kv

@@ -17,6 +17,7 @@ from flax import nnx
 from transformer import sharding
 from transformer.config import ACTIVATIONS, ConfigError, ModelConfig
 from transformer.layers.projection import bias_param, project
+from transformer.lora import adapter
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
                 "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True), "swiglu": jax.nn.silu}
@@ -57,10 +58,9 @@ class MLP(nnx.Module):
         self.down_bias = bias_param(cfg.mlp_bias, D, "embed", param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        lora = lambda name: getattr(self, f"{name}_lora", None)
-        gate = None if self.gate_DF is None else (self.gate_DF, self.gate_bias, lora("gate"))
-        h_BLF = ffn_hidden(x_BLD, (self.up_DF, self.up_bias, lora("up")), gate, self.activation,
+        gate = None if self.gate_DF is None else (self.gate_DF, self.gate_bias, adapter(self, "gate"))
+        h_BLF = ffn_hidden(x_BLD, (self.up_DF, self.up_bias, adapter(self, "up")), gate, self.activation,
                            lambda x_BLD, w: project("BLD,DF->BLF", x_BLD, w[0], w[1], self.dtype, w[2]))
         h_BLF = sharding.constrain(h_BLF, ("batch", "length", "mlp"))
-        y_BLD = project("BLF,FD->BLD", h_BLF, self.down_FD, self.down_bias, self.dtype, lora("down"))
+        y_BLD = project("BLF,FD->BLD", h_BLF, self.down_FD, self.down_bias, self.dtype, adapter(self, "down"))
         return sharding.constrain(y_BLD, ("batch", "length", "embed"))

@@ -33,6 +33,7 @@ from transformer import sharding
 from transformer.config import ConfigError, ModelConfig
 from transformer.layers.mlp import activation, ffn_hidden
 from transformer.layers.projection import bias_param, project
+from transformer.lora import adapter
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _ROUTING = ("batch", "length", None, None)
@@ -315,12 +316,11 @@ class MoE(nnx.Module):
         return jnp.einsum("BLX,BLXD->BLD", gate_BLX.astype(self.dtype), y_BLXD)
 
     def _shared_experts(self, x_BLD):
-        lora = lambda name: getattr(self, f"{name}_lora", None)
-        gate = None if self.shared_gate is None else (self.shared_gate, self.shared_gate_bias, lora("gate"))
-        h_BLF = ffn_hidden(x_BLD, (self.shared_up, self.shared_up_bias, lora("up")), gate, self.activation,
+        gate = None if self.shared_gate is None else (self.shared_gate, self.shared_gate_bias, adapter(self, "gate"))
+        h_BLF = ffn_hidden(x_BLD, (self.shared_up, self.shared_up_bias, adapter(self, "up")), gate, self.activation,
                            lambda x_BLD, w: project("BLD,DF->BLF", x_BLD, w[0], w[1], self.dtype, w[2]))
         h_BLF = sharding.constrain(h_BLF, ("batch", "length", "mlp"))
-        return project("BLF,FD->BLD", h_BLF, self.shared_down, self.shared_down_bias, self.dtype, lora("down"))
+        return project("BLF,FD->BLD", h_BLF, self.shared_down, self.shared_down_bias, self.dtype, adapter(self, "down"))
 
     def _aux(self, logits_BLE, probs_BLE, assigned_BLE, top1_BL, dropped, dropped_tokens) -> dict:
         """dropped_fraction: routed (token, expert) assignments lost to capacity (expert choice: tokens no

@@ -53,6 +53,14 @@ def yarn_mscale_factor(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def yarn_rotation_scale(factor: float, mscale: float = 0.0, mscale_all_dim: float = 0.0) -> float:
+    """YaRN's scale of the rotated q and k: yarn_mscale_factor(factor, 1), or with both of DeepSeek's mscale and
+    mscale_all_dim the ratio of their factors (as transformers computes attention_factor)."""
+    if mscale and mscale_all_dim:
+        return yarn_mscale_factor(factor, mscale) / yarn_mscale_factor(factor, mscale_all_dim)
+    return yarn_mscale_factor(factor, 1.0)
+
+
 def rope_inv_freq(head_dim: int, *, theta: float = 10000.0, scaling: str = "none", factor: float = 1.0,
                   original_max_len: int | None = None, seq_len: int | None = None, beta_fast: float = 32.0,
                   beta_slow: float = 1.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
@@ -62,8 +70,8 @@ def rope_inv_freq(head_dim: int, *, theta: float = 10000.0, scaling: str = "none
     scaling: "none"; "linear" (position interpolation, inv_freq / factor); "ntk" (NTK-aware,
     theta * factor ** (d / (d - 2))); "dynamic_ntk" (NTK with factor grown from the current `seq_len`,
     identity while seq_len <= original_max_len); "yarn" (ramp between beta_fast and beta_slow rotations,
-    mscale = yarn_mscale_factor(factor, 1) = 0.1 ln(factor) + 1, or with both of DeepSeek's yarn_mscale and
-    yarn_mscale_all_dim the ratio of their factors); "llama3" (wavelength bands from low/high_freq_factor).
+    mscale = `yarn_rotation_scale`: 0.1 ln(factor) + 1, or DeepSeek's ratio); "llama3" (wavelength bands from
+    low/high_freq_factor).
     """
     if not isinstance(head_dim, (int, np.integer)) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"RoPE head_dim={head_dim!r} must be a positive even integer")
@@ -95,10 +103,7 @@ def rope_inv_freq(head_dim: int, *, theta: float = 10000.0, scaling: str = "none
         if not beta_fast > beta_slow > 0:
             raise ValueError(f"YaRN needs beta_fast > beta_slow > 0, got beta_fast={beta_fast}, beta_slow={beta_slow}")
         inv_freq = _yarn_inv_freq(d, theta, factor, original_max_len, beta_fast, beta_slow)
-        if yarn_mscale and yarn_mscale_all_dim:
-            mscale = yarn_mscale_factor(factor, yarn_mscale) / yarn_mscale_factor(factor, yarn_mscale_all_dim)
-        else:
-            mscale = yarn_mscale_factor(factor, 1.0)
+        mscale = yarn_rotation_scale(factor, yarn_mscale, yarn_mscale_all_dim)
     else:
         if not high_freq_factor > low_freq_factor > 0:
             raise ValueError(f"llama3 RoPE needs high_freq_factor > low_freq_factor > 0, got "
